@@ -1,0 +1,54 @@
+"""gradxform: composable, optax-compatible gradient transformations for stable training.
+
+Every factory returns an `optax.GradientTransformationExtraArgs`; gradxform and optax
+transforms mix freely in `gx.chain` / `optax.chain` and in optax's wrappers.
+"""
+
+from gradxform._base import ClipRecord as ClipRecord
+from gradxform._base import EmptyState as EmptyState
+from gradxform._base import GradientTransformation as GradientTransformation
+from gradxform._base import GradientTransformationExtraArgs as GradientTransformationExtraArgs
+from gradxform._base import chain as chain
+from gradxform._base import global_norm as global_norm
+from gradxform.adaptive import ScaleByAdamState as ScaleByAdamState
+from gradxform.adaptive import ScaleByAmsgradState as ScaleByAmsgradState
+from gradxform.adaptive import ScaleByRmsState as ScaleByRmsState
+from gradxform.adaptive import ScaleByRssState as ScaleByRssState
+from gradxform.adaptive import ScaleByStddevState as ScaleByStddevState
+from gradxform.adaptive import scale_by_adam as scale_by_adam
+from gradxform.adaptive import scale_by_adamax as scale_by_adamax
+from gradxform.adaptive import scale_by_amsgrad as scale_by_amsgrad
+from gradxform.adaptive import scale_by_rms as scale_by_rms
+from gradxform.adaptive import scale_by_rss as scale_by_rss
+from gradxform.adaptive import scale_by_stddev as scale_by_stddev
+from gradxform.clipping import AdaptiveGradClipState as AdaptiveGradClipState
+from gradxform.clipping import ClipState as ClipState
+from gradxform.clipping import adaptive_grad_clip as adaptive_grad_clip
+from gradxform.clipping import clip as clip
+from gradxform.clipping import clip_by_block_rms as clip_by_block_rms
+from gradxform.clipping import clip_by_global_norm as clip_by_global_norm
+from gradxform.clipping import clip_by_leaf_norm as clip_by_leaf_norm
+from gradxform.decay import AddDecayedWeightsState as AddDecayedWeightsState
+from gradxform.decay import add_decayed_weights as add_decayed_weights
+from gradxform.decay import add_l1_decay as add_l1_decay
+from gradxform.decay import weight_decay_mask as weight_decay_mask
+from gradxform.learning_rate import ScaleByScheduleState as ScaleByScheduleState
+from gradxform.learning_rate import scale as scale
+from gradxform.learning_rate import scale_by_learning_rate as scale_by_learning_rate
+from gradxform.learning_rate import scale_by_schedule as scale_by_schedule
+from gradxform.momentum import EmaState as EmaState
+from gradxform.momentum import TraceState as TraceState
+from gradxform.momentum import ema as ema
+from gradxform.momentum import trace as trace
+from gradxform.noise import AddNoiseState as AddNoiseState
+from gradxform.noise import add_noise as add_noise
+from gradxform.optimizers import adagrad as adagrad
+from gradxform.optimizers import adam as adam
+from gradxform.optimizers import adamax as adamax
+from gradxform.optimizers import adamw as adamw
+from gradxform.optimizers import amsgrad as amsgrad
+from gradxform.optimizers import nadam as nadam
+from gradxform.optimizers import rmsprop as rmsprop
+from gradxform.optimizers import sgd as sgd
+
+__version__ = "0.1.0"

@@ -1,0 +1,242 @@
+"""Protocol types, argument checks and float32 tree reductions shared by every transform.
+
+gradxform speaks optax's protocol unchanged: a transform is an
+`optax.GradientTransformationExtraArgs` and `chain` is `optax.chain`, so gradxform and optax
+transforms mix freely in either library's combinators.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+GradientTransformation = optax.GradientTransformation
+GradientTransformationExtraArgs = optax.GradientTransformationExtraArgs
+EmptyState = optax.EmptyState
+chain = optax.chain
+
+PyTree = Any
+Params = Updates = PyTree
+Scalar = float | jax.Array
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+
+class ClipRecord(NamedTuple):
+    """What a clipping transform saw and did on its last step (fields may be per-leaf trees)."""
+
+    norm: Any  # float32 statistic compared with the threshold, before clipping
+    threshold: Any  # float32 threshold in force on that step
+    clipped: Any  # bool, True where the update was scaled down
+
+
+def no_clip_record(norm_like: Any = None) -> ClipRecord:
+    """An all-zero record; with `norm_like` (a tree) it holds one scalar per leaf of that tree."""
+    zero = lambda _=None: jnp.zeros([], jnp.float32)
+    if norm_like is None:
+        return ClipRecord(zero(), zero(), jnp.zeros([], bool))
+    return ClipRecord(
+        jax.tree.map(zero, norm_like),
+        jax.tree.map(zero, norm_like),
+        jax.tree.map(lambda _: jnp.zeros([], bool), norm_like),
+    )
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+
+def _interval(low, high, low_open, high_open) -> str:
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    return f"{left}{lo}, {hi}{right}"
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise `ValueError` naming `name` if a concrete scalar `value` lies outside the interval.
+
+    Schedules (callables), `None` and traced values (e.g. under `optax.inject_hyperparams`)
+    are not checked: their value is unknown at construction.
+    """
+    if value is None or callable(value) or isinstance(value, jax.core.Tracer):
+        return
+    v = np.asarray(value)
+    if v.ndim != 0:
+        raise ValueError(f"`{name}` must be a scalar (float or 0-d array), got shape {v.shape}.")
+    if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
+        raise ValueError(f"`{name}` must be a real number, got {value!r}.")
+    x = float(v)
+    ok = not math.isnan(x)
+    if low is not None:
+        ok &= x > low if low_open else x >= low
+    if high is not None:
+        ok &= x < high if high_open else x <= high
+    if not ok:
+        raise ValueError(
+            f"`{name}` must be in {_interval(low, high, low_open, high_open)}, got {value!r}."
+        )
+
+
+def check_decay(name: str, value: Any) -> None:
+    """A decay rate or beta: in [0, 1)."""
+    check_range(name, value, 0.0, 1.0, high_open=True)
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    check_range(name, value, 0.0)
+
+
+def check_positive(name: str, value: Any) -> None:
+    check_range(name, value, 0.0, low_open=True)
+
+
+def resolve(value: ScalarOrSchedule, count: jax.Array) -> Any:
+    """The value of a hyperparameter at step `count`: a schedule is called, a constant returned."""
+    return value(count) if callable(value) else value
+
+
+# ----------------------------------------------------------------------------- tree checks
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """`Dense_0/kernel` for the key path of a leaf (`<root>` for a bare array)."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
+
+
+def _dtype(leaf: Any) -> np.dtype:
+    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+
+
+def check_floating(tree: PyTree, name: str) -> None:
+    """Raise `TypeError` naming the first leaf of `tree` that is not a real floating array."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = _dtype(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"`{name}` must hold real floating-point arrays, but leaf {path_name(path)!r} has "
+                f"dtype {dtype}. Integer, boolean and complex leaves have no gradient update: "
+                "keep them out of the optimized tree (e.g. `optax.masked` or a Flax filter) "
+                "or cast them to a float dtype."
+            )
+
+
+def check_same_structure(tree: PyTree, ref: PyTree, name: str, ref_name: str) -> None:
+    """Raise `ValueError` unless `tree` has exactly `ref`'s structure and leaf shapes."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    ref_leaves, ref_treedef = jax.tree_util.tree_flatten_with_path(ref)
+    if treedef != ref_treedef:
+        paths = {path_name(p) for p, _ in leaves}
+        ref_paths = {path_name(p) for p, _ in ref_leaves}
+        extra, missing = sorted(paths - ref_paths), sorted(ref_paths - paths)
+        if extra or missing:
+            detail = "; ".join(
+                part
+                for part in (
+                    f"leaves {extra} are not in `{ref_name}`" if extra else "",
+                    f"leaves {missing} of `{ref_name}` are missing" if missing else "",
+                )
+                if part
+            )
+        else:
+            detail = f"same leaf paths but different containers:\n  {treedef}\nvs\n  {ref_treedef}"
+        raise ValueError(f"`{name}` does not match the tree structure of `{ref_name}`: {detail}.")
+    for (path, leaf), (_, ref_leaf) in zip(leaves, ref_leaves, strict=True):
+        if np.shape(leaf) != np.shape(ref_leaf):
+            raise ValueError(
+                f"`{name}` leaf {path_name(path)!r} has shape {np.shape(leaf)} but `{ref_name}` "
+                f"has {np.shape(ref_leaf)}; shapes must match exactly (no broadcasting)."
+            )
+
+
+def gradient_transformation(
+    init: Callable[[Params], Any],
+    update: Callable[..., tuple[Updates, Any]],
+    *,
+    extra_args: bool = False,
+) -> GradientTransformationExtraArgs:
+    """Wrap a transform's `init`/`update` pair with gradxform's input checks.
+
+    The checks run in Python at trace time and cost nothing inside a compiled step: params must
+    be floating point; updates must be floating point and match `params`' tree and shapes.
+    `update` receives the extra keyword arguments (e.g. `loss=`) only when `extra_args=True`.
+    """
+
+    def checked_init(params):
+        check_floating(params, "params")
+        return init(params)
+
+    def checked_update(updates, state, params=None, **kwargs):
+        check_floating(updates, "updates")
+        if params is not None:
+            check_same_structure(updates, params, "updates", "params")
+        if extra_args:
+            return update(updates, state, params, **kwargs)
+        return update(updates, state, params)
+
+    return GradientTransformationExtraArgs(checked_init, checked_update)
+
+
+# ----------------------------------------------------------------------------- tree maths
+
+
+def tree_map_unzip(fn: Callable[..., tuple], tree: PyTree, *rest: PyTree, n: int) -> tuple:
+    """Map `fn` (returning an `n`-tuple) over the leaves of trees shaped like `tree`; unzip.
+
+    This is how a one-array update rule is lifted to pytrees once: `fn(g, m, v) -> (u, m, v)`.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    rest_leaves = [treedef.flatten_up_to(r) for r in rest]
+    outs = [fn(*xs) for xs in zip(leaves, *rest_leaves, strict=True)]
+    columns = list(zip(*outs, strict=True)) if outs else [()] * n
+    return tuple(treedef.unflatten(col) for col in columns)
+
+
+def zeros_like(tree: PyTree, dtype: Any = None) -> PyTree:
+    """Zeros shaped (and sharded) like `tree`; works on `jax.ShapeDtypeStruct` leaves."""
+    return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), tree)
+
+
+def sum_of_squares(x: jax.Array) -> jax.Array:
+    """`sum(x**2)` accumulated in float32 whatever `x`'s dtype (a float16 sum overflows at 256²)."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.sum(x * x)
+
+
+def global_norm(tree: PyTree, axis_name: str | None = None) -> jax.Array:
+    """The L2 norm of all leaves together, in float32 (at least).
+
+    With `axis_name`, the squared sums are `psum`-ed over that mapped axis first, so when
+    parameters are sharded across it the result is the norm of the whole, unsharded tree.
+    """
+    total = sum((sum_of_squares(x) for x in jax.tree.leaves(tree)), jnp.zeros([], jnp.float32))
+    if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+    return jnp.sqrt(total)
+
+
+def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
+    """`x * factor` computed in at least float32 and returned in `x`'s dtype (one rounding)."""
+    return (x.astype(jnp.promote_types(x.dtype, jnp.float32)) * factor).astype(x.dtype)
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """`count + 1`, saturating at the dtype's maximum instead of wrapping (optax's rule)."""
+    return optax.safe_increment(count)
+
+
+def step_counter() -> jax.Array:
+    return jnp.zeros([], jnp.int32)

@@ -1,0 +1,204 @@
+"""Named optimizers: each is a `chain` of gradxform primitives, with no maths of its own.
+
+Signatures and defaults follow optax's optimizers of the same name, so
+`gx.adamw(3e-4, weight_decay=0.01)` replaces `optax.adamw(3e-4, weight_decay=0.01)`.
+Every `learning_rate` may be a float, a 0-d array or an optax schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradxform._base import GradientTransformationExtraArgs, ScalarOrSchedule, chain
+from gradxform.adaptive import (
+    scale_by_adam,
+    scale_by_adamax,
+    scale_by_amsgrad,
+    scale_by_rms,
+    scale_by_rss,
+    scale_by_stddev,
+)
+from gradxform.decay import Mask, add_decayed_weights
+from gradxform.learning_rate import scale_by_learning_rate
+from gradxform.momentum import trace
+
+
+def sgd(
+    learning_rate: ScalarOrSchedule,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    accumulator_dtype: Any = None,
+) -> GradientTransformationExtraArgs:
+    """Stochastic gradient descent, optionally with heavy-ball or Nesterov momentum.
+
+    `chain(trace(momentum, nesterov), scale_by_learning_rate(learning_rate))`
+
+    Example:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.sgd(0.1, momentum=0.9, nesterov=True)
+      >>> tx.update(jnp.array([1.0]), tx.init(jnp.zeros(1)))[0]
+      Array([-0.19], dtype=float32)
+
+    Reference: Sutskever et al., On the importance of initialization and momentum in deep
+    learning, 2013.
+    """
+    momentum_part = () if momentum is None else (trace(momentum, nesterov, accumulator_dtype),)
+    return chain(*momentum_part, scale_by_learning_rate(learning_rate))
+
+
+def adagrad(
+    learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 0.1, eps: float = 1e-7
+) -> GradientTransformationExtraArgs:
+    """Adagrad: `chain(scale_by_rss(...), scale_by_learning_rate(learning_rate))`.
+
+    Reference: Duchi et al., 2011.
+    """
+    return chain(
+        scale_by_rss(initial_accumulator_value, eps), scale_by_learning_rate(learning_rate)
+    )
+
+
+def rmsprop(
+    learning_rate: ScalarOrSchedule,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+) -> GradientTransformationExtraArgs:
+    """RMSprop, optionally centered and with momentum applied after the learning rate.
+
+    `chain(scale_by_rms | scale_by_stddev, scale_by_learning_rate, trace(momentum, nesterov))`
+
+    Reference: Tieleman & Hinton, 2012; Graves, 2013 (centered).
+    """
+    scaling = scale_by_stddev if centered else scale_by_rms
+    momentum_part = () if momentum is None else (trace(momentum, nesterov),)
+    return chain(
+        scaling(decay, eps, initial_scale, eps_in_sqrt, bias_correction),
+        scale_by_learning_rate(learning_rate),
+        *momentum_part,
+    )
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    nu_dtype: Any = None,
+) -> GradientTransformationExtraArgs:
+    """Adam: `chain(scale_by_adam(...), scale_by_learning_rate(learning_rate))`.
+
+    Example:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.adam(1e-3)
+      >>> tx.update(jnp.array([4.0]), tx.init(jnp.zeros(1)))[0]
+      Array([-0.001], dtype=float32)
+
+    Reference: Kingma & Ba, 2015.
+    """
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def nadam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nu_dtype: Any = None,
+) -> GradientTransformationExtraArgs:
+    """NAdam: Adam with Nesterov momentum, `adam(..., nesterov=True)`.
+
+    Reference: Dozat, Incorporating Nesterov Momentum into Adam, 2016.
+    """
+    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True, nu_dtype=nu_dtype)
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: Mask | None = None,
+    *,
+    nesterov: bool = False,
+    nu_dtype: Any = None,
+) -> GradientTransformationExtraArgs:
+    """AdamW: Adam with decoupled weight decay, added after the Adam scaling.
+
+    `chain(scale_by_adam(...), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))`
+
+    Example:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.adamw(0.1, weight_decay=0.5, mask=gx.weight_decay_mask)
+      >>> params = {"kernel": jnp.ones((1, 1)), "bias": jnp.ones(1)}
+      >>> grads = {"kernel": jnp.ones((1, 1)), "bias": jnp.ones(1)}
+      >>> u, _ = tx.update(grads, tx.init(params), params)
+      >>> u["kernel"], u["bias"]
+      (Array([[-0.15]], dtype=float32), Array([-0.1], dtype=float32))
+
+    Reference: Loshchilov & Hutter, Decoupled Weight Decay Regularization, 2019.
+    """
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def amsgrad(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    nu_dtype: Any = None,
+) -> GradientTransformationExtraArgs:
+    """AMSGrad: `chain(scale_by_amsgrad(...), scale_by_learning_rate(learning_rate))`.
+
+    Reference: Reddi et al., 2018.
+    """
+    return chain(
+        scale_by_amsgrad(
+            b1,
+            b2,
+            eps,
+            eps_root,
+            mu_dtype,
+            bias_correction_mu,
+            bias_correction_nu,
+            nu_dtype=nu_dtype,
+        ),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamax(
+    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> GradientTransformationExtraArgs:
+    """Adamax: `chain(scale_by_adamax(...), scale_by_learning_rate(learning_rate))`.
+
+    Reference: Kingma & Ba, 2015 (section 7).
+    """
+    return chain(scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate))

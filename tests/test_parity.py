@@ -1,0 +1,141 @@
+"""Parity: every transform sharing a name with optax computes the same updates and params;
+the others match a float64 reference written out by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradxform as gx
+from tests.cases import CASES, TWINNED, gradients_at, make, random_tree, run
+
+
+
+def assert_trees_close(actual, expected, rtol, atol):
+    """Elementwise `rtol`, plus `atol` relative to each leaf's largest magnitude (so elements
+    that are tiny next to their tensor are not held to a tighter bound than the tensor)."""
+
+    def check(a, e):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        scale = max(float(np.max(np.abs(e), initial=0.0)), 1.0)
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol * scale)
+
+    jax.tree.map(check, actual, expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("case", TWINNED, ids=lambda c: c.name)
+def test_matches_optax_float32(case, seed):
+    params = random_tree(seed)
+    tx, kwargs = make(case, seed)
+    ours, our_params, _ = run(tx, params, steps=20)
+    theirs, their_params, _ = run(case.twin(**kwargs), params, steps=20)
+    tol = {"rtol": case.rtol, "atol": case.rtol / 2}
+    for step, (u, v) in enumerate(zip(ours, theirs, strict=True)):
+        assert jax.tree.map(lambda x: x.dtype, u) == jax.tree.map(lambda x: x.dtype, v), step
+        assert_trees_close(u, v, **tol)
+    assert_trees_close(our_params, their_params, **tol)
+
+
+@pytest.mark.parametrize("case", TWINNED, ids=lambda c: c.name)
+def test_matches_optax_with_bfloat16_leaves(case):
+    params = random_tree(3, dtypes=(jnp.float32, jnp.bfloat16))
+    tx, kwargs = make(case, 3)
+    ours, our_params, _ = run(tx, params, steps=20)
+    _, their_params, _ = run(case.twin(**kwargs), params, steps=20)
+    # Updates keep the gradient's dtype, whatever the state's.
+    grads = gradients_at(params, 0)
+    assert jax.tree.map(lambda x: x.dtype, ours[0]) == jax.tree.map(lambda x: x.dtype, grads)
+    assert_trees_close(our_params, their_params, rtol=3e-2, atol=3e-2)
+
+
+# ------------------------------------------------------------------- float64 references
+
+
+def reference_run(case_name, kwargs, params, steps=20):
+    """Hand-written float64 versions of the transforms optax does not have."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    for t in range(steps):
+        g = jax.tree.map(lambda x: np.asarray(x, np.float64), gradients_at(params, t))
+        if case_name == "clip_by_leaf_norm":
+            c = kwargs["max_norm"]
+            u = jax.tree.map(lambda x: x * min(1.0, c / max(np.linalg.norm(x), 1e-300)), g)
+        elif case_name == "add_l1_decay":
+            u = jax.tree.map(lambda x, w: x + kwargs["weight_decay"] * np.sign(w), g, p)
+        else:
+            raise AssertionError(case_name)
+        p = jax.tree.map(np.add, p, u)
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
+    return p
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", [c for c in CASES if c.twin is None], ids=lambda c: c.name)
+def test_matches_float64_reference(case, seed):
+    params = random_tree(seed)
+    tx, kwargs = make(case, seed)
+    _, ours, _ = run(tx, params, steps=20)
+    assert_trees_close(ours, reference_run(case.name, kwargs, params), rtol=1e-5, atol=1e-6)
+
+
+def test_leaf_norm_clipping_actually_clips():
+    tx = gx.clip_by_leaf_norm(1.0)
+    g = {"big": jnp.full((4,), 10.0), "small": jnp.full((4,), 0.1)}
+    u, state = tx.update(g, tx.init(g))
+    np.testing.assert_allclose(np.linalg.norm(u["big"]), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(u["small"], g["small"])
+    assert bool(state.record.clipped["big"]) and not bool(state.record.clipped["small"])
+    np.testing.assert_allclose(state.record.norm["big"], 20.0, rtol=1e-6)
+
+
+# ------------------------------------------------------------------- float32 accumulation
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_global_norm_of_low_precision_gradient_does_not_overflow(dtype):
+    g = {"w": jnp.ones((10**6,), dtype)}
+    tx = gx.clip_by_global_norm(1.0)
+    u, state = tx.update(g, tx.init(g))
+    assert u["w"].dtype == dtype
+    np.testing.assert_allclose(np.asarray(u["w"], np.float32), 1e-3, rtol=1e-2)
+    np.testing.assert_allclose(state.record.norm, 1000.0, rtol=1e-6)
+    assert state.record.norm.dtype == jnp.float32
+
+
+def test_float16_norm_overflows_in_optax_but_not_here():
+    """Documents why gradxform accumulates in float32 (optax 0.2.8 returns zeros here)."""
+    g = {"w": jnp.ones((10**6,), jnp.float16)}
+    theirs, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+    ours, _ = gx.clip_by_global_norm(1.0).update(g, gx.clip_by_global_norm(1.0).init(g))
+    assert float(jnp.max(ours["w"])) > 0
+    if optax.__version__ == "0.2.8":
+        assert float(jnp.max(theirs["w"])) == 0.0
+
+
+@pytest.mark.parametrize("name", ["clip_by_block_rms", "clip_by_leaf_norm"])
+def test_per_leaf_norms_accumulate_in_float32(name):
+    g = {"w": jnp.full((10**5,), 300.0, jnp.float16)}  # sum of squares 9e9 overflows float16
+    tx = getattr(gx, name)(1.0)
+    u, state = tx.update(g, tx.init(g))
+    assert bool(jnp.all(jnp.isfinite(u["w"]))) and float(jnp.max(u["w"])) > 0
+    assert np.isfinite(float(state.record.norm["w"]))
+
+
+@pytest.mark.parametrize("moment_dtype", [jnp.float32, jnp.bfloat16])
+def test_moment_dtypes_are_chosen_separately(moment_dtype):
+    params = random_tree(0, dtypes=(jnp.bfloat16,))
+    tx = gx.adam(1e-3, mu_dtype=moment_dtype, nu_dtype=jnp.float32)
+    _, new_params, state = run(tx, params, steps=3)
+    adam_state = state[0]
+    assert {x.dtype for x in jax.tree.leaves(adam_state.mu)} == {jnp.dtype(moment_dtype)}
+    assert {x.dtype for x in jax.tree.leaves(adam_state.nu)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(new_params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_bfloat16_params_with_float32_moments_track_float32_training():
+    params32 = random_tree(0)
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
+    _, p32, _ = run(gx.adam(1e-2), params32, steps=10)
+    _, p16, _ = run(gx.adam(1e-2, mu_dtype=jnp.float32, nu_dtype=jnp.float32), params16, steps=10)
+    assert_trees_close(p16, p32, rtol=2e-2, atol=2e-2)
