@@ -8,20 +8,7 @@ import optax
 import pytest
 
 import gradxform as gx
-from tests.cases import CASES, TWINNED, gradients_at, make, random_tree, run
-
-
-
-def assert_trees_close(actual, expected, rtol, atol):
-    """Elementwise `rtol`, plus `atol` relative to each leaf's largest magnitude (so elements
-    that are tiny next to their tensor are not held to a tighter bound than the tensor)."""
-
-    def check(a, e):
-        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-        scale = max(float(np.max(np.abs(e), initial=0.0)), 1.0)
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol * scale)
-
-    jax.tree.map(check, actual, expected)
+from tests.cases import CASES, TWINNED, assert_trees_close, gradients_at, make, random_tree, run
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -59,8 +46,9 @@ def reference_run(case_name, kwargs, params, steps=20):
     for t in range(steps):
         g = jax.tree.map(lambda x: np.asarray(x, np.float64), gradients_at(params, t))
         if case_name == "clip_by_leaf_norm":
-            c = kwargs["max_norm"]
-            u = jax.tree.map(lambda x: x * min(1.0, c / max(np.linalg.norm(x), 1e-300)), g)
+            u = jax.tree.map(
+                lambda x: x * min(1.0, kwargs["max_norm"] / max(np.linalg.norm(x), 1e-300)), g
+            )
         elif case_name == "add_l1_decay":
             u = jax.tree.map(lambda x, w: x + kwargs["weight_decay"] * np.sign(w), g, p)
         else:

@@ -1,0 +1,176 @@
+"""The protocol every transform keeps: jit == eager, no recompilation, a state whose tree
+structure, shapes and dtypes never change (so `lax.scan` and AOT compilation work), `vmap`
+over an ensemble, abstract `init`, saturating counters and traced hyperparameters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradxform as gx
+from tests.cases import CASES, gradients_at, make, random_tree, run
+
+
+def shape_dtype(tree):
+    return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_jit_equals_eager(case):
+    params = random_tree(0)
+    tx, _ = make(case)
+    eager, p_eager, s_eager = run(tx, params, steps=3, jit=False)
+    jitted, p_jit, s_jit = run(tx, params, steps=3, jit=True)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=case.rtol, atol=case.rtol)
+    jax.tree.map(close, (eager, p_eager, s_eager), (jitted, p_jit, s_jit))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_state_structure_shapes_and_dtypes_are_stable(case):
+    params = random_tree(0, dtypes=(jnp.float32, jnp.bfloat16))
+    tx, _ = make(case)
+    state = tx.init(params)
+    before = (jax.tree.structure(state), shape_dtype(state))
+    for t in range(2):
+        _, state = tx.update(gradients_at(params, t), state, params)
+        assert (jax.tree.structure(state), shape_dtype(state)) == before
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_second_call_does_not_recompile(case):
+    params = random_tree(0)
+    tx, _ = make(case)
+    traces = []
+
+    @jax.jit
+    def step(params, state, grads):
+        traces.append(None)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for t in range(3):
+        params, state = step(params, state, gradients_at(params, t))
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_scan_over_steps_equals_python_loop(case):
+    params = random_tree(0)
+    tx, _ = make(case)
+    grads = [gradients_at(params, t) for t in range(4)]
+
+    def body(carry, g):
+        p, s = carry
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    (p_scan, _), _ = jax.lax.scan(
+        body, (params, tx.init(params)), jax.tree.map(lambda *xs: jnp.stack(xs), *grads)
+    )
+    p_loop, state = params, tx.init(params)
+    for g in grads:
+        u, state = tx.update(g, state, p_loop)
+        p_loop = optax.apply_updates(p_loop, u)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=case.rtol, atol=case.rtol),
+        p_scan,
+        p_loop,
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_vmap_over_ensemble_equals_python_loop(case):
+    members = [random_tree(seed) for seed in range(3)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *members)
+    tx, _ = make(case)
+    grads = jax.tree.map(lambda *xs: jnp.stack(xs), *[gradients_at(m, 0) for m in members])
+    u_vmap, _ = jax.vmap(tx.update)(grads, jax.vmap(tx.init)(stacked), stacked)
+    for i, member in enumerate(members):
+        u_i, _ = tx.update(gradients_at(member, 0), tx.init(member), member)
+        jax.tree.map(
+            lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-6), u_vmap, u_i
+        )
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_init_and_aot_compile_on_shape_dtype_structs(case):
+    params = random_tree(0)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    tx, _ = make(case)
+    state = tx.init(abstract)  # works on abstract leaves directly
+    assert shape_dtype(state) == shape_dtype(tx.init(params))
+    abstract_state = jax.eval_shape(tx.init, abstract)
+    compiled = jax.jit(tx.update).lower(abstract, abstract_state, abstract).compile()
+    concrete_state = tx.init(params)
+    _, new_state = compiled(gradients_at(params, 0), concrete_state, params)
+    assert shape_dtype(new_state) == shape_dtype(concrete_state)
+
+
+def test_step_counter_saturates_instead_of_overflowing():
+    tx = gx.adam(1e-3)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    near_max = jnp.asarray(np.iinfo(np.int32).max - 1, jnp.int32)
+    state = (state[0]._replace(count=near_max), *state[1:])
+    for _ in range(3):
+        u, state = tx.update({"w": jnp.ones(2)}, state, params)
+    assert int(state[0].count) == np.iinfo(np.int32).max
+    assert bool(jnp.all(jnp.isfinite(u["w"])))
+
+
+def test_changing_an_injected_hyperparameter_does_not_recompile():
+    tx = optax.inject_hyperparams(gx.adamw)(learning_rate=0.1, weight_decay=0.01)
+    params = {"w": jnp.ones(3)}
+    traces = []
+
+    @jax.jit
+    def step(params, state):
+        traces.append(None)
+        updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    _, state = step(params, state)
+    state.hyperparams["learning_rate"] = jnp.zeros([], jnp.float32)  # same aval, new value
+    new_params, state = step(params, state)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(new_params["w"], params["w"])  # lr 0: no move
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("clip_by_global_norm", "max_norm"),
+        ("clip", "max_delta"),
+        ("clip_by_leaf_norm", "max_norm"),
+        ("add_decayed_weights", "weight_decay"),
+        ("scale_by_learning_rate", "learning_rate"),
+    ],
+)
+def test_hyperparameters_accept_float_array_and_schedule(name, kwargs):
+    params = {"w": jnp.array([3.0, -4.0])}
+    grads = {"w": jnp.array([3.0, -4.0])}
+    schedule = optax.linear_schedule(0.5, 1.0, transition_steps=1)
+    outputs = []
+    for value in (0.5, jnp.asarray(0.5), schedule):
+        tx = getattr(gx, name)(**{kwargs: value})
+        u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        outputs.append(u["w"])
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-6)
+    np.testing.assert_allclose(outputs[0], outputs[2], rtol=1e-6)  # schedule(0) == 0.5
+
+
+def test_extra_args_reach_a_chain_of_gradxform_transforms():
+    seen = {}
+
+    def probe_update(updates, state, params=None, **extra):
+        seen.update(extra)
+        return updates, state
+
+    probe = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), probe_update)
+    tx = gx.chain(gx.clip_by_global_norm(1.0), probe, gx.adam(1e-3))
+    params = {"w": jnp.ones(2)}
+    tx.update({"w": jnp.ones(2)}, tx.init(params), params, loss=jnp.asarray(1.5))
+    assert float(seen["loss"]) == 1.5
