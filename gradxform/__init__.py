@@ -21,6 +21,10 @@ from gradxform.adaptive import scale_by_amsgrad as scale_by_amsgrad
 from gradxform.adaptive import scale_by_rms as scale_by_rms
 from gradxform.adaptive import scale_by_rss as scale_by_rss
 from gradxform.adaptive import scale_by_stddev as scale_by_stddev
+from gradxform.adaptive_clipping import AutoClipState as AutoClipState
+from gradxform.adaptive_clipping import ZClipState as ZClipState
+from gradxform.adaptive_clipping import autoclip as autoclip
+from gradxform.adaptive_clipping import zclip as zclip
 from gradxform.clipping import AdaptiveGradClipState as AdaptiveGradClipState
 from gradxform.clipping import ClipState as ClipState
 from gradxform.clipping import adaptive_grad_clip as adaptive_grad_clip
@@ -32,6 +36,13 @@ from gradxform.decay import AddDecayedWeightsState as AddDecayedWeightsState
 from gradxform.decay import add_decayed_weights as add_decayed_weights
 from gradxform.decay import add_l1_decay as add_l1_decay
 from gradxform.decay import weight_decay_mask as weight_decay_mask
+from gradxform.guards import DynamicLossScaleState as DynamicLossScaleState
+from gradxform.guards import SkipIfState as SkipIfState
+from gradxform.guards import dynamic_loss_scale as dynamic_loss_scale
+from gradxform.guards import loss_scale as loss_scale
+from gradxform.guards import scale_loss as scale_loss
+from gradxform.guards import skip_if as skip_if
+from gradxform.guards import stable as stable
 from gradxform.learning_rate import ScaleByScheduleState as ScaleByScheduleState
 from gradxform.learning_rate import scale as scale
 from gradxform.learning_rate import scale_by_learning_rate as scale_by_learning_rate
@@ -50,5 +61,14 @@ from gradxform.optimizers import amsgrad as amsgrad
 from gradxform.optimizers import nadam as nadam
 from gradxform.optimizers import rmsprop as rmsprop
 from gradxform.optimizers import sgd as sgd
+from gradxform.telemetry import GradientExplosionError as GradientExplosionError
+from gradxform.telemetry import GradientHealthError as GradientHealthError
+from gradxform.telemetry import HealthState as HealthState
+from gradxform.telemetry import NonFiniteGradientError as NonFiniteGradientError
+from gradxform.telemetry import VanishingGradientError as VanishingGradientError
+from gradxform.telemetry import assert_healthy as assert_healthy
+from gradxform.telemetry import check_healthy as check_healthy
+from gradxform.telemetry import health as health
+from gradxform.telemetry import read_health as read_health
 
 __version__ = "0.1.0"

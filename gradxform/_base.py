@@ -240,3 +240,38 @@ def safe_increment(count: jax.Array) -> jax.Array:
 
 def step_counter() -> jax.Array:
     return jnp.zeros([], jnp.int32)
+
+
+# ----------------------------------------------------------------------------- running moments
+
+
+class Moments(NamedTuple):
+    """Running mean and variance of a scalar: exact over a warm-up, exponential after it."""
+
+    n: jax.Array  # int32 observations absorbed (saturating)
+    mean: jax.Array  # float32
+    var: jax.Array  # float32 population variance
+
+
+def moments_init() -> Moments:
+    return Moments(step_counter(), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
+
+
+def moments_update(m: Moments, x: jax.Array, decay: float, warmup: int, accept=True) -> Moments:
+    """Absorb `x` where `accept`: Welford's exact mean/variance for the first `warmup`
+    observations, then the exponentially weighted mean and variance with rate `1 - decay`.
+
+    Both are  mean += w * d;  var += w * ((1 - w) * d**2 - var),  d = x - mean,
+    with w = 1/n during warm-up and w = 1 - decay after it.
+    """
+    n = safe_increment(m.n)
+    w = jnp.where(m.n < warmup, 1.0 / n.astype(jnp.float32), 1.0 - decay)
+    d = x - m.mean
+    new = Moments(n, m.mean + w * d, m.var + w * ((1 - w) * d * d - m.var))
+    return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, m)
+
+
+def moments_zscore(m: Moments, x: jax.Array, warmup: int) -> jax.Array:
+    """`(x - mean) / std`, or 0 before `warmup` observations (no basis for a judgement yet)."""
+    z = (x - m.mean) / jnp.sqrt(jnp.maximum(m.var, 1e-12))
+    return jnp.where(m.n >= warmup, z, 0.0)

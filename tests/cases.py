@@ -134,9 +134,53 @@ CASES = [
     Case("nadam", lambda r: {"learning_rate": _lr(r), **_adam(r)}, optax.nadam),
     Case("amsgrad", lambda r: {"learning_rate": _lr(r), **_adam(r)}, optax.amsgrad),
     Case("adamax", lambda r: {"learning_rate": _lr(r), **_adam(r)}, optax.adamax),
+    # Stability toolkit: no optax twins.
+    Case(
+        "autoclip",
+        lambda r: {"percentile": float(r.uniform(5, 90)), "history": int(r.integers(3, 30))},
+        None,
+    ),
+    Case(
+        "zclip",
+        lambda r: {
+            "alpha": _beta(r, 0.8, 0.99),
+            "z_thresh": float(r.uniform(0.5, 3)),
+            "warmup_steps": int(r.integers(2, 8)),
+            "max_norm": None if r.integers(2) else float(r.uniform(2, 20)),
+            "mode": ["adaptive_scaling", "mean"][int(r.integers(2))],
+        },
+        None,
+    ),
+    Case(
+        "health", lambda r: {"inner": gx.adam(_lr(r)), "warmup_steps": int(r.integers(2, 8))}, None
+    ),
+    Case(
+        "skip_if",
+        lambda r: {
+            "inner": gx.sgd(_lr(r), momentum=0.9),
+            "norm_z": 1.0,
+            "warmup_steps": int(r.integers(2, 8)),
+            "window": 10,
+        },
+        None,
+    ),
+    Case(
+        "dynamic_loss_scale",
+        lambda r: {
+            "inner": gx.adam(_lr(r)),
+            "growth_interval": 3,
+            "initial_scale": 2.0 ** int(r.integers(0, 4)),
+        },
+        None,
+    ),
+    Case("stable", lambda r: {"optimizer": gx.sgd(_lr(r), momentum=0.9)}, None),
 ]
 CASE_NAMES = [c.name for c in CASES]
 TWINNED = [c for c in CASES if c.twin is not None]
+# Twin-less transforms with a float64 reference in tests/test_parity.py.
+REFERENCED = [
+    c for c in CASES if c.name in {"clip_by_leaf_norm", "add_l1_decay", "autoclip", "zclip"}
+]
 
 
 def make(case: Case, seed: int = 0) -> tuple[optax.GradientTransformation, dict[str, Any]]:

@@ -69,7 +69,12 @@ def test_multisteps_accumulates_then_applies(case):
 def test_inject_hyperparams_wraps_every_factory(case):
     params = random_tree(0)
     _, kwargs = make(case)
-    static = [k for k, v in kwargs.items() if isinstance(v, bool) or callable(v) or k == "key"]
+    numeric = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+    static = [
+        k
+        for k, v in kwargs.items()
+        if not numeric(v) or k in ("key", "history", "window", "warmup_steps")
+    ]
     factory = getattr(gx, case.name)
     injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
     ours, _, _ = run(factory(**kwargs), params, steps=3)

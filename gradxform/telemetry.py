@@ -1,0 +1,416 @@
+"""Gradient-health telemetry inside `jit`: record, read, and assert on explosion and vanishing.
+
+`health()` is an ordinary transform whose fixed-structure state holds this step's gradient
+statistics and flags; `read_health(opt_state)` turns every such record (and every clipping,
+skipping and loss-scaling record) found anywhere in a nested optimizer state into flat,
+loggable floats; `assert_healthy(opt_state)` raises an error naming the step and the layers;
+`check_healthy(opt_state)` makes the same checks inside `jit` under `checkify`/`chex.chexify`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from gradxform._base import (
+    ClipRecord,
+    EmptyState,
+    GradientTransformationExtraArgs,
+    Moments,
+    check_decay,
+    check_positive,
+    check_range,
+    gradient_transformation,
+    moments_init,
+    moments_update,
+    moments_zscore,
+    path_name,
+    safe_increment,
+    step_counter,
+    sum_of_squares,
+)
+from gradxform.adaptive_clipping import AutoClipState, ZClipState
+from gradxform.clipping import AdaptiveGradClipState, ClipState
+from gradxform.guards import DynamicLossScaleState, SkipIfState
+
+
+class HealthState(NamedTuple):
+    count: jax.Array  # int32 steps seen (saturating)
+    global_norm: jax.Array  # float32 ||g|| of the incoming gradient this step
+    leaf_norms: Any  # per leaf: float32 ||g_l||
+    update_ratios: Any  # per leaf: float32 ||u_l|| / ||p_l|| (u: the inner's output, else g)
+    nonfinite: jax.Array  # int32 number of non-finite gradient values this step
+    zero_fraction: jax.Array  # float32 fraction of gradient values exactly 0
+    log_norm: Moments  # running mean/variance of log ||g|| over finite steps
+    z_score: jax.Array  # float32 z-score of log ||g|| against the running moments
+    vanishing_leaves: Any  # per leaf: bool, below the vanishing bounds this step
+    vanishing_streak: jax.Array  # int32 consecutive steps with some vanishing leaf
+    exploding: jax.Array  # bool: z-score or absolute bound exceeded, or non-finite
+    vanishing: jax.Array  # bool: some leaf vanishing for `patience` consecutive steps
+    z_bound: jax.Array  # float32 `z_threshold` (constant: makes the record self-describing)
+    norm_bound: jax.Array  # float32 `max_norm`, inf when unset (constant)
+    inner: Any  # the wrapped transform's state (EmptyState when used stand-alone)
+
+
+def health(
+    inner: GradientTransformationExtraArgs | None = None,
+    *,
+    z_threshold: float = 4.0,
+    max_norm: float | None = None,
+    warmup_steps: int = 20,
+    decay: float = 0.95,
+    vanishing_fraction: float = 1e-4,
+    ratio_floor: float = 1e-9,
+    patience: int = 20,
+    axis_name: str | None = None,
+) -> GradientTransformationExtraArgs:
+    """Record gradient-health statistics and flags in the state; pass updates through.
+
+    Per step, in float32 and in one pass over each leaf: the global norm ||g||, each leaf's
+    norm, the update-to-parameter ratio ||u_l|| / ||p_l|| per leaf, the count of non-finite
+    values and the fraction of exact zeros. Flags:
+
+      exploding  = non-finite  or  z > z_threshold  or  ||g|| > max_norm,
+                   z = (log||g|| - mean) / std  over the running moments of log||g||
+      vanishing  = for `patience` consecutive steps some leaf has
+                   rms(g_l) < vanishing_fraction * max_k rms(g_k)  or  ratio_l < ratio_floor
+
+    Used stand-alone (`chain(health(), adam(...))`) it sees the incoming gradients, and the
+    ratios are of those gradients. Wrapping the optimizer (`health(adam(...))`) it also sees the
+    optimizer's output, so the ratios are of the real updates (before the learning rate, if the
+    chain ends with one, the ratio is of the chain's full output).
+
+    Args:
+      inner: optional transform to wrap.
+      z_threshold: positive bound on the z-score of log ||g||.
+      max_norm: optional absolute bound on ||g||.
+      warmup_steps: finite steps observed before z-scores count.
+      decay: rate of the running moments of log ||g|| after warm-up, in [0, 1).
+      vanishing_fraction: relative RMS below which a leaf counts as vanishing.
+      ratio_floor: update-to-parameter ratio below which a leaf counts as vanishing
+        (leaves whose parameters are all zero are exempt).
+      patience: consecutive steps before `vanishing` is raised.
+      axis_name: `psum` the squared norms over this axis (parameters sharded across it).
+
+    Example:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.health(gx.sgd(0.1))
+      >>> params = {"w": jnp.ones(4)}
+      >>> _, state = tx.update({"w": jnp.full(4, 0.5)}, tx.init(params), params)
+      >>> gx.read_health(state)["health/global_norm"]
+      1.0
+    """
+    check_positive("z_threshold", z_threshold)
+    check_range("max_norm", max_norm, 0.0, low_open=True)
+    check_decay("decay", decay)
+    check_range("vanishing_fraction", vanishing_fraction, 0.0, 1.0)
+    check_range("ratio_floor", ratio_floor, 0.0)
+    check_range("patience", patience, 1)
+    check_range("warmup_steps", warmup_steps, 0)
+
+    def init(params):
+        zero = lambda _: jnp.zeros([], jnp.float32)
+        return HealthState(
+            count=step_counter(),
+            global_norm=jnp.zeros([], jnp.float32),
+            leaf_norms=jax.tree.map(zero, params),
+            update_ratios=jax.tree.map(zero, params),
+            nonfinite=step_counter(),
+            zero_fraction=jnp.zeros([], jnp.float32),
+            log_norm=moments_init(),
+            z_score=jnp.zeros([], jnp.float32),
+            vanishing_leaves=jax.tree.map(lambda _: jnp.zeros([], bool), params),
+            vanishing_streak=step_counter(),
+            exploding=jnp.zeros([], bool),
+            vanishing=jnp.zeros([], bool),
+            z_bound=jnp.asarray(z_threshold, jnp.float32),
+            norm_bound=jnp.asarray(jnp.inf if max_norm is None else max_norm, jnp.float32),
+            inner=EmptyState() if inner is None else inner.init(params),
+        )
+
+    def update(grads, state, params=None, **extra_args):
+        if inner is None:
+            updates, inner_state = grads, state.inner
+        else:
+            updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
+
+        leaves, treedef = jax.tree.flatten(grads)
+        sq = [sum_of_squares(g) for g in leaves]
+        sizes = [max(g.size, 1) for g in leaves]
+        nonfinite = sum((jnp.sum(~jnp.isfinite(g), dtype=jnp.int32) for g in leaves), 0)
+        zeros = sum((jnp.sum(g == 0, dtype=jnp.float32) for g in leaves), 0.0)
+        total = sum(sq, jnp.zeros([], jnp.float32))
+        if axis_name is not None:
+            total = jax.lax.psum(total, axis_name)
+        norm = jnp.sqrt(total)
+        leaf_norms = [jnp.sqrt(s) for s in sq]
+
+        if params is None:
+            ratios = [jnp.zeros([], jnp.float32) for _ in leaves]
+            p_norms = [jnp.zeros([], jnp.float32) for _ in leaves]
+        else:
+            p_norms = [jnp.sqrt(sum_of_squares(p)) for p in treedef.flatten_up_to(params)]
+            u_norms = [jnp.sqrt(sum_of_squares(u)) for u in treedef.flatten_up_to(updates)]
+            ratios = [u / jnp.maximum(p, 1e-30) for u, p in zip(u_norms, p_norms, strict=True)]
+
+        rms = [jnp.sqrt(s / n) for s, n in zip(sq, sizes, strict=True)]
+        top_rms = jnp.max(jnp.stack(rms)) if rms else jnp.zeros([], jnp.float32)
+        low = [
+            (r < vanishing_fraction * top_rms) | ((ratio < ratio_floor) & (p > 0))
+            for r, ratio, p in zip(rms, ratios, p_norms, strict=True)
+        ]
+        any_low = jnp.any(jnp.stack(low)) if low else jnp.zeros([], bool)
+        streak = jnp.where(any_low, safe_increment(state.vanishing_streak), 0)
+
+        finite = jnp.isfinite(norm) & (nonfinite == 0)
+        log_norm = jnp.log(jnp.maximum(norm, 1e-30))
+        z = jnp.where(finite, moments_zscore(state.log_norm, log_norm, warmup_steps), jnp.inf)
+        exploding = (~finite) | (z > state.z_bound) | (norm > state.norm_bound)
+        new_state = HealthState(
+            count=safe_increment(state.count),
+            global_norm=norm,
+            leaf_norms=treedef.unflatten(leaf_norms),
+            update_ratios=treedef.unflatten(ratios),
+            nonfinite=nonfinite,
+            zero_fraction=zeros / max(sum(sizes), 1),
+            log_norm=moments_update(state.log_norm, log_norm, decay, warmup_steps, finite),
+            z_score=z,
+            vanishing_leaves=treedef.unflatten(low),
+            vanishing_streak=streak,
+            exploding=exploding,
+            vanishing=streak >= patience,
+            z_bound=state.z_bound,
+            norm_bound=state.norm_bound,
+            inner=inner_state,
+        )
+        return updates, new_state
+
+    return gradient_transformation(init, update, extra_args=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _records(opt_state: Any) -> list[tuple[str, Any]]:
+    """Every telemetry-bearing state in a nested optimizer state, named by kind and order."""
+    kinds = {
+        HealthState: "health",
+        ClipState: "clip",
+        AdaptiveGradClipState: "agc",
+        AutoClipState: "autoclip",
+        ZClipState: "zclip",
+        SkipIfState: "skip",
+        DynamicLossScaleState: "loss_scale",
+    }
+    found = jax.tree.leaves(opt_state, is_leaf=lambda x: type(x) in kinds)
+    seen: dict[str, int] = {}
+    named = []
+    for record in (x for x in found if type(x) in kinds):
+        kind = kinds[type(record)]
+        seen[kind] = seen.get(kind, -1) + 1
+        named.append((kind if seen[kind] == 0 else f"{kind}_{seen[kind]}", record))
+        if kind == "health" or kind == "skip" or kind == "loss_scale":
+            named.extend(_records(record.inner))  # inner chains hold their own records
+    return named
+
+
+# State fields that are not per-step telemetry: inner states, counters, history buffers.
+_UNLOGGED = frozenset({"inner", "count", "norms", "losses", "written"})  # health logs its own
+
+
+def _scalar(x: Any) -> float:
+    x = np.asarray(x)
+    return float(x.reshape(-1)[0]) if x.size else float("nan")  # replicas agree: take the first
+
+
+def _leaf_name(path) -> str:
+    return re.sub(r"/value$", "", path_name(path))
+
+
+def _flat(prefix: str, tree: Any, out: dict[str, float]) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        out[f"{prefix}/{_leaf_name(path)}" if path else prefix] = _scalar(leaf)
+
+
+def read_health(opt_state: Any) -> dict[str, float]:
+    """Flat `{name: float}` of every health, clip, skip and loss-scale record in `opt_state`.
+
+    Works on any nesting (optax chains, `inject_hyperparams`, `MultiSteps`, `masked`, Flax
+    optimizers' `opt_state`) and on `pmap`-replicated state. Names look like
+    `health/global_norm`, `health/grad_norm/Dense_0/kernel`, `clip/norm`, `skip/skipped`.
+    One device-to-host transfer for the whole state.
+
+    Example:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.sgd(0.1))
+      >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init({"w": jnp.zeros(2)}))
+      >>> gx.read_health(state)
+      {'clip/norm': 5.0, 'clip/threshold': 1.0, 'clip/clipped': 1.0}
+    """
+    out: dict[str, float] = {}
+    for name, record in _records(jax.device_get(opt_state)):
+        if isinstance(record, HealthState):
+            for field in ("global_norm", "nonfinite", "zero_fraction", "z_score", "count"):
+                out[f"{name}/{field}"] = _scalar(getattr(record, field))
+            for field in ("exploding", "vanishing", "vanishing_streak"):
+                out[f"{name}/{field}"] = _scalar(getattr(record, field))
+            _flat(f"{name}/grad_norm", record.leaf_norms, out)
+            _flat(f"{name}/update_ratio", record.update_ratios, out)
+        else:
+            for field, value in record._asdict().items():
+                if field in _UNLOGGED:
+                    continue
+                if isinstance(value, ClipRecord):
+                    for sub, tree in value._asdict().items():
+                        _flat(f"{name}/{sub}", tree, out)
+                elif isinstance(value, Moments):
+                    out[f"{name}/{field}_mean"] = _scalar(value.mean)
+                    out[f"{name}/{field}_std"] = math.sqrt(max(_scalar(value.var), 0.0))
+                else:
+                    out[f"{name}/{field}"] = _scalar(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- assertions
+
+
+class GradientHealthError(RuntimeError):
+    """Base class of the errors `assert_healthy` raises."""
+
+
+class NonFiniteGradientError(GradientHealthError):
+    """A gradient value was NaN or infinite."""
+
+
+class GradientExplosionError(GradientHealthError):
+    """The gradient norm jumped far above its running history or past an absolute bound."""
+
+
+class VanishingGradientError(GradientHealthError):
+    """Some layers' gradients stayed negligible compared with the others' for many steps."""
+
+
+def _top(tree: Any, k: int = 3, reverse: bool = True) -> list[tuple[str, float]]:
+    items = [(_leaf_name(p), _scalar(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+    key = lambda item: (math.isfinite(item[1]), item[1]) if reverse else item[1]
+    return sorted(items, key=key, reverse=reverse)[:k]
+
+
+def assert_healthy(
+    opt_state: Any,
+    *,
+    check_exploding: bool = True,
+    check_vanishing: bool = True,
+    max_norm: float | None = None,
+) -> None:
+    """Raise if any health record in `opt_state` flags a problem on its last step.
+
+    Raises `NonFiniteGradientError`, `GradientExplosionError` (also when ||g|| > `max_norm`,
+    if given) or `VanishingGradientError`, with the step, the responsible leaf paths, the
+    measured value, the bound and the usual remedies in the message. Host side: call it
+    outside `jit` (for inside `jit`, see `check_healthy`).
+
+    Example:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.health()
+      >>> _, state = tx.update({"w": jnp.array([1.0, jnp.nan])}, tx.init({"w": jnp.zeros(2)}))
+      >>> gx.assert_healthy(state)
+      Traceback (most recent call last):
+      ...
+      gradxform.telemetry.NonFiniteGradientError: Non-finite gradient at step 1: ...
+    """
+    for name, record in _records(jax.device_get(opt_state)):
+        if not isinstance(record, HealthState):
+            continue
+        step = int(_scalar(record.count))
+        norm = _scalar(record.global_norm)
+        if _scalar(record.nonfinite) > 0:
+            bad = [n for n, v in _top(record.leaf_norms, k=10**9) if not math.isfinite(v)]
+            raise NonFiniteGradientError(
+                f"Non-finite gradient at step {step}: {int(_scalar(record.nonfinite))} NaN/inf "
+                f"values, in {', '.join(bad) or 'the global norm'} ({name}). Remedies: lower the "
+                "learning rate or add warm-up, clip (`gx.clip_by_global_norm`, `gx.zclip`), "
+                "guard the step (`gx.skip_if`, `gx.stable`), use loss scaling in low precision."
+            )
+        z, z_bound = _scalar(record.z_score), _scalar(record.z_bound)
+        norm_bound = min(_scalar(record.norm_bound), math.inf if max_norm is None else max_norm)
+        if check_exploding and (bool(_scalar(record.exploding)) or norm > norm_bound):
+            culprits = ", ".join(f"{n} (norm {v:.3g})" for n, v in _top(record.leaf_norms))
+            if norm > norm_bound:
+                bound = f"> bound {norm_bound:g}"
+            else:
+                bound = f"z-score {z:.1f} of log-norm > {z_bound:g} over its running history"
+            raise GradientExplosionError(
+                f"Gradient explosion at step {step}: global norm {norm:.4g} ({bound}); largest "
+                f"in {culprits} ({name}). Remedies: clip (`gx.clip_by_global_norm`, "
+                "`gx.zclip`, `gx.adaptive_grad_clip`), lower the learning rate or add warm-up, "
+                "skip spikes (`gx.skip_if`), normalisation layers."
+            )
+        if check_vanishing and bool(_scalar(record.vanishing)):
+            low = [
+                _leaf_name(p)
+                for p, flag in jax.tree_util.tree_leaves_with_path(record.vanishing_leaves)
+                if bool(_scalar(flag))
+            ]
+            smallest = ", ".join(
+                f"{n} (norm {v:.3g})" for n, v in _top(record.leaf_norms, reverse=False)
+            )
+            raise VanishingGradientError(
+                f"Vanishing gradients at step {step}: {len(low)} leaves ({', '.join(low[:5])}"
+                f"{', ...' if len(low) > 5 else ''}) below the bounds for "
+                f"{int(_scalar(record.vanishing_streak))} steps; smallest: {smallest} ({name}). "
+                "Remedies: He/Xavier initialisation, normalisation layers, residual "
+                "connections, ReLU/Leaky ReLU, an adaptive optimizer (`gx.adam`), a larger "
+                "learning rate for early layers."
+            )
+
+
+def check_healthy(opt_state: Any) -> None:
+    """The checks of `assert_healthy`, as `checkify` checks usable inside `jit`.
+
+    Run the step under `jax.experimental.checkify.checkify` or `chex.chexify` to get an error
+    naming the step and the norm from inside a compiled step (for debugging runs).
+
+    Example:
+      >>> import gradxform as gx, jax, jax.numpy as jnp
+      >>> from jax.experimental import checkify
+      >>> tx = gx.health()
+      >>> def step(g, s):
+      ...     _, s = tx.update(g, s)
+      ...     gx.check_healthy(s)
+      ...     return s
+      >>> state = tx.init({"w": jnp.zeros(1)})
+      >>> err, _ = checkify.checkify(jax.jit(step))({"w": jnp.array([jnp.inf])}, state)
+      >>> print(err.get())  # doctest: +ELLIPSIS
+      Non-finite gradient at step 1: 1 NaN/inf values (global norm inf)...
+    """
+    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, HealthState))
+    for record in (x for x in found if isinstance(x, HealthState)):
+        kw = {"step": record.count, "norm": record.global_norm}
+        checkify.check(
+            record.nonfinite == 0,
+            "Non-finite gradient at step {step}: {n} NaN/inf values (global norm {norm})",
+            n=record.nonfinite,
+            **kw,
+        )
+        checkify.check(
+            ~record.exploding,
+            "Gradient explosion at step {step}: global norm {norm} (bound {b}), z-score {z} "
+            "(bound {zb})",
+            z=record.z_score,
+            b=record.norm_bound,
+            zb=record.z_bound,
+            **kw,
+        )
+        checkify.check(
+            ~record.vanishing,
+            "Vanishing gradients at step {step}: some leaves below the bounds for {s} steps",
+            s=record.vanishing_streak,
+            step=record.count,
+        )

@@ -1,0 +1,169 @@
+"""Guards: skipped steps leave no trace, spikes are caught, loss scaling behaves like torch's
+GradScaler, and `stable` keeps non-finite gradients out of params and state."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import gradxform as gx
+
+PARAMS = {"w": jnp.linspace(-1.0, 1.0, 6), "b": jnp.zeros(2)}
+
+
+def grads(t, scale=1.0):
+    k1, k2 = jax.random.split(jax.random.key(t))
+    return {"w": scale * jax.random.normal(k1, (6,)), "b": scale * jax.random.normal(k2, (2,))}
+
+
+def test_healthy_steps_pass_through_unchanged():
+    tx, ref = gx.skip_if(gx.adam(1e-2), warmup_steps=5), gx.adam(1e-2)
+    s, r = tx.init(PARAMS), ref.init(PARAMS)
+    for t in range(30):
+        u, s = jax.jit(tx.update)(grads(t), s, PARAMS)
+        v, r = jax.jit(ref.update)(grads(t), r, PARAMS)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u, v)
+    assert int(s.skipped_nonfinite + s.skipped_norm + s.skipped_loss) == 0
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_nonfinite_step_is_zero_and_leaves_inner_state_bitwise_unchanged(bad):
+    tx = gx.skip_if(gx.adam(1e-2))
+    s = tx.init(PARAMS)
+    for t in range(3):
+        _, s = tx.update(grads(t), s, PARAMS)
+    g = grads(3)
+    g["w"] = g["w"].at[1].set(bad)
+    u, s2 = jax.jit(tx.update)(g, s, PARAMS)
+    assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(u))
+    jax.tree.map(np.testing.assert_array_equal, s2.inner, s.inner)
+    assert bool(s2.skipped) and int(s2.skipped_nonfinite) == 1 and int(s2.consecutive) == 1
+
+
+def test_norm_spike_after_warmup_is_skipped_but_not_during_it():
+    tx = gx.skip_if(gx.sgd(0.1), warmup_steps=10, norm_z=6.0, window=15)
+    s = tx.init(PARAMS)
+    _, s = tx.update(grads(0, 1000.0), s, PARAMS)  # during warm-up: accepted
+    assert not bool(s.skipped)
+    for t in range(1, 20):
+        _, s = tx.update(grads(t), s, PARAMS)
+    _, s = tx.update(grads(20, 1000.0), s, PARAMS)  # the warm-up spike has left the window
+    assert bool(s.skipped) and int(s.skipped_norm) == 1
+    _, s = tx.update(grads(21), s, PARAMS)
+    assert not bool(s.skipped) and int(s.consecutive) == 0
+
+
+def test_loss_spike_is_skipped_with_rolling_window():
+    tx = gx.skip_if(gx.sgd(0.1), norm_z=None, loss_z=4.0, warmup_steps=10, window=20)
+    s = tx.init(PARAMS)
+    for t in range(30):
+        _, s = tx.update(grads(t), s, PARAMS, loss=1.0 + 0.05 * np.sin(t))
+    assert not bool(s.skipped)
+    _, s = tx.update(grads(30), s, PARAMS, loss=5.0)
+    assert bool(s.skipped) and int(s.skipped_loss) == 1
+    _, s = tx.update(grads(31), s, PARAMS, loss=jnp.nan)
+    assert int(s.skipped_nonfinite) == 1
+
+
+def test_give_up_after_consecutive_spikes_accepts_the_new_regime():
+    tx = gx.skip_if(gx.sgd(0.1), warmup_steps=5, give_up_after=3)
+    s = tx.init(PARAMS)
+    for t in range(10):
+        _, s = tx.update(grads(t), s, PARAMS)
+    skipped = []
+    for t in range(10, 15):
+        _, s = tx.update(grads(t, 1e4), s, PARAMS)
+        skipped.append(bool(s.skipped))
+    assert skipped[:3] == [True] * 3 and skipped[3] is False
+
+
+def test_nonfinite_is_never_accepted_even_after_giving_up():
+    tx = gx.skip_if(gx.sgd(0.1), give_up_after=1)
+    s = tx.init(PARAMS)
+    for t in range(4):
+        _, s = tx.update(jax.tree.map(lambda x: x * jnp.nan, grads(t)), s, PARAMS)
+        assert bool(s.skipped)
+
+
+def test_skip_if_works_under_shard_map():
+    mesh = Mesh(jax.devices(), ("data",))
+    tx = gx.skip_if(gx.sgd(0.1), axis_name="data")
+    g = {"w": jnp.ones(16).at[3].set(jnp.nan)}  # one shard holds the NaN
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+                       check_vma=False)  # fmt: skip
+    def step(g):
+        u, _ = tx.update(g, tx.init(g))
+        return u
+
+    u = jax.jit(step)(g)
+    np.testing.assert_array_equal(u["w"], 0.0)  # every shard skipped, not just the NaN one
+
+
+def test_dynamic_loss_scale_backs_off_on_overflow_and_grows_after_interval():
+    tx = gx.dynamic_loss_scale(gx.sgd(0.1), initial_scale=2.0**15, growth_interval=3)
+    params = {"w": jnp.ones(4, jnp.float16)}
+    s = tx.init(params)
+
+    def step(s, x):
+        loss_fn = lambda p: gx.scale_loss(jnp.sum(p["w"] * x), s)
+        return tx.update(jax.grad(loss_fn)(params), s, params)
+
+    u, s = step(s, jnp.float16(1000.0))  # 1000 * 32768 overflows float16
+    assert float(gx.loss_scale(s)) == 2.0**14 and bool(s.skipped)
+    np.testing.assert_array_equal(u["w"], 0)
+    for _ in range(3):
+        u, s = step(s, jnp.float16(1.0))
+    np.testing.assert_allclose(u["w"].astype(np.float32), -0.1, rtol=1e-3)  # unscaled exactly
+    assert float(gx.loss_scale(s)) == 2.0**15 and int(s.skipped_total) == 1
+
+
+def test_loss_scale_helper_explains_a_missing_wrapper():
+    with pytest.raises(ValueError, match="no `dynamic_loss_scale`"):
+        gx.loss_scale(gx.adam(1e-3).init(PARAMS))
+
+
+@pytest.mark.parametrize(
+    "optimizer", [gx.sgd(0.05, momentum=0.9), gx.adam(1e-3)], ids=["sgd", "adam"]
+)
+def test_stable_keeps_nan_and_spikes_out_of_params_and_state(optimizer):
+    tx = gx.stable(optimizer)
+    params = PARAMS
+
+    @jax.jit
+    def step(params, state, g):
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    state = tx.init(params)
+    for t in range(60):
+        g = grads(t)
+        if t % 7 == 6:
+            g = jax.tree.map(lambda x: x * jnp.nan, g)
+        elif t % 11 == 10:
+            g = jax.tree.map(lambda x: x * 1e4, g)
+        params, state = step(params, state, g)
+        # The health record reports the NaN step (that is its job) and ZClip records an
+        # unbounded threshold as inf; the optimizer's moments and the params never see a NaN.
+        zclip_state, optimizer_state = state.inner.inner
+        kept = (params, zclip_state.moments, optimizer_state)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(kept))
+        assert float(jnp.max(jnp.abs(params["w"]))) < 10
+    metrics = gx.read_health(state)
+    assert metrics["skip/skipped_nonfinite"] == 8 and metrics["skip/skipped_norm"] >= 3
+
+
+def test_spike_inside_the_zscore_warmup_is_caught_by_the_ratio_bound():
+    tx = gx.skip_if(gx.sgd(0.1), warmup_steps=20, max_norm_ratio=100.0)
+    s = tx.init(PARAMS)
+    for t in range(3):
+        _, s = tx.update(grads(t), s, PARAMS)
+    _, s = tx.update(grads(3, 1e3), s, PARAMS)
+    assert bool(s.skipped) and int(s.skipped_norm) == 1
+    _, s = tx.update(grads(4, 5.0), s, PARAMS)  # a 5x rise is not a spike
+    assert not bool(s.skipped)
