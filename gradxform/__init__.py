@@ -22,8 +22,10 @@ from gradxform.adaptive import scale_by_rms as scale_by_rms
 from gradxform.adaptive import scale_by_rss as scale_by_rss
 from gradxform.adaptive import scale_by_stddev as scale_by_stddev
 from gradxform.adaptive_clipping import AutoClipState as AutoClipState
+from gradxform.adaptive_clipping import ScaleBySpamState as ScaleBySpamState
 from gradxform.adaptive_clipping import ZClipState as ZClipState
 from gradxform.adaptive_clipping import autoclip as autoclip
+from gradxform.adaptive_clipping import scale_by_spam as scale_by_spam
 from gradxform.adaptive_clipping import zclip as zclip
 from gradxform.clipping import AdaptiveGradClipState as AdaptiveGradClipState
 from gradxform.clipping import ClipState as ClipState

@@ -1,13 +1,13 @@
-"""Adaptive clipping: global-norm thresholds learned from the history of gradient norms.
+"""Adaptive clipping: thresholds learned from the history of the gradients themselves.
 
-AutoClip clips to a percentile of the norms seen so far; ZClip clips norms whose z-score
-against running moments is too high. Both keep fixed-size state (a ring buffer, a pair of
-moments), ignore non-finite norms when learning, and record what they did in a `ClipRecord`.
+AutoClip clips the global norm to a percentile of the norms seen so far; ZClip clips norms
+whose z-score against running moments is too high; SPAM clips each coordinate against Adam's
+own second moment. All keep fixed-size state and ignore non-finite values when learning.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ from gradxform._base import (
     GradientTransformationExtraArgs,
     Moments,
     check_decay,
+    check_nonnegative,
     check_positive,
     check_range,
     global_norm,
@@ -28,6 +29,8 @@ from gradxform._base import (
     safe_increment,
     scale_leaf,
     step_counter,
+    tree_map_unzip,
+    zeros_like,
 )
 
 
@@ -178,5 +181,100 @@ def zclip(
         moments = moments_update(m, absorbed, alpha, warmup_steps, jnp.isfinite(norm))
         record = ClipRecord(norm, threshold, clipped)
         return updates, ZClipState(safe_increment(state.count), moments, record)
+
+    return gradient_transformation(init, update)
+
+
+class ScaleBySpamState(NamedTuple):
+    count: jax.Array  # int32 steps seen (saturating)
+    since_reset: jax.Array  # int32 steps since the moments were last reset
+    mu: Any  # first moment, dtype `mu_dtype`
+    nu: Any  # second moment, dtype `nu_dtype`
+    spikes: jax.Array  # int32 coordinates clipped as spikes this step
+
+
+def scale_by_spam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    reset_interval: int = 500,
+    spike_threshold: float = 5000.0,
+    warmup_steps: int = 150,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> GradientTransformationExtraArgs:
+    """SPAM: Adam with momentum reset, spike-aware per-coordinate clipping, and a cosine
+    warm-up after each reset.
+
+    every `reset_interval` steps:  mu, nu <- 0;  k counts steps since the reset (from 1)
+    spike clipping (k > 1):        g <- sign(g) * sqrt(theta * nu)  where  g**2 > theta * nu
+                                   (nu is the raw, not debiased, second moment, as in the paper)
+    Adam on the clipped g, debiased with k:   u = m_hat / (sqrt(v_hat) + eps)
+    after a reset:                 u <- u * (1 - cos(pi * min(k / warmup_steps, 1))) / 2
+
+    Differences from the paper's code: bias corrections restart with the moments (they are
+    new estimates), and the first step after a reset is not spike-clipped (nu is empty).
+
+    Args:
+      b1, b2, eps: Adam's.
+      reset_interval: steps between moment resets (>= 1).
+      spike_threshold: theta, > 0; a coordinate is a spike when g**2 > theta * nu.
+      warmup_steps: length of the cosine warm-up after each reset (0 disables it).
+      mu_dtype, nu_dtype: moment dtypes.
+
+    Example:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.scale_by_spam()
+      >>> state = tx.init(jnp.zeros(2))
+      >>> for g in ([1.0, 1.0], [1.0, 1.0], [1.0, 1000.0]):
+      ...     u, state = tx.update(jnp.array(g), state)
+      >>> int(state.spikes)  # the 1000 was clipped to sqrt(5000 * nu)
+      1
+
+    Reference: Huang et al., SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
+    Training, 2025.
+    """
+    check_decay("b1", b1)
+    check_decay("b2", b2)
+    check_nonnegative("eps", eps)
+    check_range("reset_interval", reset_interval, 1)
+    check_positive("spike_threshold", spike_threshold)
+    check_range("warmup_steps", warmup_steps, 0)
+
+    def init(params):
+        count = step_counter()
+        return ScaleBySpamState(
+            count, count, zeros_like(params, mu_dtype), zeros_like(params, nu_dtype), count
+        )
+
+    def update(updates, state, params=None):
+        del params
+        reset = (state.count > 0) & (state.count % reset_interval == 0)
+        since = jnp.where(reset, 0, state.since_reset)
+        k = safe_increment(since)
+        if warmup_steps:
+            ramp = jnp.minimum(k / warmup_steps, 1.0)
+            warm = jnp.where(state.count >= reset_interval, 0.5 * (1 - jnp.cos(jnp.pi * ramp)), 1.0)
+        else:
+            warm = 1.0
+
+        def leaf(g, mu_prev, nu_prev):
+            mu_prev = jnp.where(reset, jnp.zeros_like(mu_prev), mu_prev)
+            nu_prev = jnp.where(reset, jnp.zeros_like(nu_prev), nu_prev)
+            bound = spike_threshold * nu_prev
+            spike = (g * g > bound) & (since > 0)
+            g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound), g).astype(g.dtype)
+            mu = (1 - b1) * g + b1 * mu_prev
+            nu = (1 - b2) * (g * g) + b2 * nu_prev
+            m_hat = mu / (1 - b1**k).astype(mu.dtype)
+            v_hat = nu / (1 - b2**k).astype(nu.dtype)
+            u = warm * m_hat / (jnp.sqrt(v_hat) + eps)
+            n_spikes = jnp.sum(spike, dtype=jnp.int32)
+            return u.astype(g.dtype), mu.astype(mu_prev.dtype), nu.astype(nu_prev.dtype), n_spikes
+
+        out, mu, nu, spikes = tree_map_unzip(leaf, updates, state.mu, state.nu, n=4)
+        total = sum(jax.tree.leaves(spikes), jnp.zeros([], jnp.int32))
+        return out, ScaleBySpamState(safe_increment(state.count), k, mu, nu, total)
 
     return gradient_transformation(init, update)

@@ -35,7 +35,7 @@ from gradxform._base import (
     step_counter,
     sum_of_squares,
 )
-from gradxform.adaptive_clipping import AutoClipState, ZClipState
+from gradxform.adaptive_clipping import AutoClipState, ScaleBySpamState, ZClipState
 from gradxform.clipping import AdaptiveGradClipState, ClipState
 from gradxform.guards import DynamicLossScaleState, SkipIfState
 
@@ -205,6 +205,7 @@ def _records(opt_state: Any) -> list[tuple[str, Any]]:
         AdaptiveGradClipState: "agc",
         AutoClipState: "autoclip",
         ZClipState: "zclip",
+        ScaleBySpamState: "spam",
         SkipIfState: "skip",
         DynamicLossScaleState: "loss_scale",
     }
@@ -221,7 +222,9 @@ def _records(opt_state: Any) -> list[tuple[str, Any]]:
 
 
 # State fields that are not per-step telemetry: inner states, counters, history buffers.
-_UNLOGGED = frozenset({"inner", "count", "norms", "losses", "written"})  # health logs its own
+_UNLOGGED = frozenset(
+    {"inner", "count", "norms", "losses", "written", "mu", "nu"}
+)  # health logs its own
 
 
 def _scalar(x: Any) -> float:

@@ -152,6 +152,16 @@ CASES = [
         None,
     ),
     Case(
+        "scale_by_spam",
+        lambda r: {
+            **_adam(r),
+            "reset_interval": int(r.integers(3, 8)),
+            "spike_threshold": float(r.uniform(2, 50)),
+            "warmup_steps": int(r.integers(0, 4)),
+        },
+        None,
+    ),
+    Case(
         "health", lambda r: {"inner": gx.adam(_lr(r)), "warmup_steps": int(r.integers(2, 8))}, None
     ),
     Case(
@@ -179,7 +189,9 @@ CASE_NAMES = [c.name for c in CASES]
 TWINNED = [c for c in CASES if c.twin is not None]
 # Twin-less transforms with a float64 reference in tests/test_parity.py.
 REFERENCED = [
-    c for c in CASES if c.name in {"clip_by_leaf_norm", "add_l1_decay", "autoclip", "zclip"}
+    c
+    for c in CASES
+    if c.name in {"clip_by_leaf_norm", "add_l1_decay", "autoclip", "zclip", "scale_by_spam"}
 ]
 
 

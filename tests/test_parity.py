@@ -52,6 +52,9 @@ def reference_run(case_name, kwargs, params, steps=20):
     """Hand-written float64 versions of the transforms optax does not have."""
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     history, mean, var = [], 0.0, 0.0  # autoclip's norms; zclip's moments
+    mu = nu = jax.tree.map(np.zeros_like, p)  # spam's moments and hyperparameters
+    k = 0
+    b1, b2, eps, theta = (kwargs.get(n) for n in ("b1", "b2", "eps", "spike_threshold"))
     for t in range(steps):
         g = jax.tree.map(lambda x: np.asarray(x, np.float64), gradients_at(params, t))
         norm = np.sqrt(sum(np.sum(x**2) for x in jax.tree.leaves(g)))
@@ -81,6 +84,23 @@ def reference_run(case_name, kwargs, params, steps=20):
             mean, var = mean + w * d, var + w * ((1 - w) * d * d - var)
             factor = min(1.0, threshold / norm)
             u = jax.tree.map(lambda y, f=factor: y * f, g)
+        elif case_name == "scale_by_spam":
+            if t > 0 and t % kwargs["reset_interval"] == 0:
+                mu, nu, k = jax.tree.map(np.zeros_like, mu), jax.tree.map(np.zeros_like, nu), 0
+            k += 1
+            if k > 1:
+                g = jax.tree.map(
+                    lambda x, v: np.where(x**2 > theta * v, np.sign(x) * np.sqrt(theta * v), x),
+                    g, nu,
+                )  # fmt: skip
+            mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, mu, g)
+            nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x**2, nu, g)
+            ramp = min(k / kwargs["warmup_steps"], 1.0) if kwargs["warmup_steps"] else 1.0
+            warm = 0.5 * (1 - np.cos(np.pi * ramp)) if t >= kwargs["reset_interval"] else 1.0
+            u = jax.tree.map(
+                lambda m, v, w=warm, k=k: w * (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + eps),
+                mu, nu,
+            )  # fmt: skip
         else:
             raise AssertionError(case_name)
         p = jax.tree.map(np.add, p, u)
