@@ -253,11 +253,12 @@ def scale_by_spam(
         reset = (state.count > 0) & (state.count % reset_interval == 0)
         since = jnp.where(reset, 0, state.since_reset)
         k = safe_increment(since)
-        if warmup_steps:
-            ramp = jnp.minimum(k / warmup_steps, 1.0)
-            warm = jnp.where(state.count >= reset_interval, 0.5 * (1 - jnp.cos(jnp.pi * ramp)), 1.0)
-        else:
-            warm = 1.0
+        ramp = jnp.minimum(k / jnp.maximum(warmup_steps, 1), 1.0)
+        warm = jnp.where(
+            (state.count >= reset_interval) & (warmup_steps > 0),
+            0.5 * (1 - jnp.cos(jnp.pi * ramp)),
+            1.0,
+        )
 
         def leaf(g, mu_prev, nu_prev):
             mu_prev = jnp.where(reset, jnp.zeros_like(mu_prev), mu_prev)

@@ -9,7 +9,6 @@ or the optimizer state.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -135,7 +134,7 @@ def skip_if(
         if max_norm_ratio is not None:
             recent = jnp.arange(window) < jnp.minimum(state.written, window)
             largest = jnp.max(jnp.where(recent, state.norms, -jnp.inf))
-            norm_spike |= (state.written > 0) & (log_norm > largest + math.log(max_norm_ratio))
+            norm_spike |= (state.written > 0) & (log_norm > largest + jnp.log(max_norm_ratio))
         loss_spike = jnp.zeros([], bool)
         loss_value = jnp.zeros([], jnp.float32)
         if loss is not None:
