@@ -221,6 +221,15 @@ def global_norm(tree: PyTree, axis_name: str | None = None) -> jax.Array:
 
     With `axis_name`, the squared sums are `psum`-ed over that mapped axis first, so when
     parameters are sharded across it the result is the norm of the whole, unsharded tree.
+
+    Args:
+      tree: a pytree of arrays.
+      axis_name: optional mapped axis to sum over.
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> gx.global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0], jnp.float16)})
+      Array(5., dtype=float32)
     """
     total = sum((sum_of_squares(x) for x in jax.tree.leaves(tree)), jnp.zeros([], jnp.float32))
     if axis_name is not None:

@@ -53,7 +53,7 @@ def scale_by_rss(
       initial_accumulator_value: starting value of `s`, >= 0.
       eps: >= 0, added inside the root.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.scale_by_rss(initial_accumulator_value=0.0, eps=0.0)
       >>> u, _ = tx.update(jnp.array([2.0, -3.0]), tx.init(jnp.zeros(2)))
@@ -110,7 +110,7 @@ def scale_by_rms(
       bias_correction: divide `nu` by `1 - decay**t`.
       nu_dtype: dtype of `nu` (default: the params').
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.scale_by_rms(decay=0.0, eps=0.0)
       >>> u, _ = tx.update(jnp.array([2.0, -3.0]), tx.init(jnp.zeros(2)))
@@ -166,10 +166,15 @@ def scale_by_stddev(
     u_t = g_t / sqrt(nu_t - mu_t**2 + eps)
 
     Args:
-      decay, eps, initial_scale, eps_in_sqrt, bias_correction: as in `scale_by_rms`.
-      mu_dtype, nu_dtype: dtypes of the two moments (default: the params').
+      decay: EMA rate in [0, 1).
+      eps: >= 0, added to the denominator.
+      initial_scale: starting value of `nu`, >= 0.
+      eps_in_sqrt: add `eps` inside the root or outside.
+      bias_correction: debias both moments by `1 - decay**t`.
+      mu_dtype: dtype of `mu` (default: the params').
+      nu_dtype: dtype of `nu` (default: the params').
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.scale_by_stddev(decay=0.5, eps=0.0)
       >>> u, _ = tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))
@@ -242,14 +247,15 @@ def scale_by_adam(
     u_t = m_t / (sqrt(nu_t / (1 - b2**t) + eps_root) + eps)
 
     Args:
-      b1, b2: moment decay rates in [0, 1).
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the second moment, in [0, 1).
       eps: >= 0, added outside the root.
       eps_root: >= 0, added inside the root (keeps meta-gradients finite).
       mu_dtype: dtype of `mu` (e.g. `jnp.bfloat16` to halve its memory).
       nesterov: NAdam's look-ahead first moment.
       nu_dtype: dtype of `nu`.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.scale_by_adam()
       >>> u, _ = tx.update(jnp.array([0.5, -2.0]), tx.init(jnp.zeros(2)))
@@ -312,11 +318,17 @@ def scale_by_amsgrad(
     u_t = m_t / (sqrt(nu_max_t + eps_root) + eps)
 
     Args:
-      b1, b2, eps, eps_root, mu_dtype, nu_dtype: as in `scale_by_adam`.
-      bias_correction_mu, bias_correction_nu: debias each moment (set both `False` for the
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the second moment, in [0, 1).
+      eps: >= 0, added outside the root.
+      eps_root: >= 0, added inside the root.
+      mu_dtype: dtype of `mu`.
+      bias_correction_mu: debias the first moment.
+      bias_correction_nu: debias the second moment before the maximum (set both `False` for the
         paper's original rule).
+      nu_dtype: dtype of `nu` and `nu_max`.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.scale_by_amsgrad()
       >>> u, _ = tx.update(jnp.array([0.5, -2.0]), tx.init(jnp.zeros(2)))
@@ -367,10 +379,11 @@ def scale_by_adamax(
     u_t = mu_t / (1 - b1**t) / nu_t
 
     Args:
-      b1, b2: decay rates in [0, 1).
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the infinity norm, in [0, 1).
       eps: > 0 in practice, keeps `nu` away from zero.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.scale_by_adamax(eps=0.0)
       >>> u, _ = tx.update(jnp.array([0.5, -2.0]), tx.init(jnp.zeros(2)))

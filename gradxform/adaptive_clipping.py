@@ -63,7 +63,7 @@ def autoclip(
       history: size of the ring buffer of past norms (fixed-shape state).
       axis_name: `psum` the squared norm over this axis (parameters sharded across it).
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.autoclip(percentile=50.0, history=4)
       >>> state = tx.init(jnp.zeros(1))
@@ -141,7 +141,7 @@ def zclip(
       mode: `"adaptive_scaling"` (the paper's default) or `"mean"`.
       axis_name: `psum` the squared norm over this axis (parameters sharded across it).
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.zclip(warmup_steps=3, max_norm=None, mode="mean")
       >>> state = tx.init(jnp.zeros(1))
@@ -217,13 +217,16 @@ def scale_by_spam(
     new estimates), and the first step after a reset is not spike-clipped (nu is empty).
 
     Args:
-      b1, b2, eps: Adam's.
+      b1: Adam's first-moment decay, in [0, 1).
+      b2: Adam's second-moment decay, in [0, 1).
+      eps: Adam's eps, >= 0.
       reset_interval: steps between moment resets (>= 1).
       spike_threshold: theta, > 0; a coordinate is a spike when g**2 > theta * nu.
       warmup_steps: length of the cosine warm-up after each reset (0 disables it).
-      mu_dtype, nu_dtype: moment dtypes.
+      mu_dtype: dtype of the first moment.
+      nu_dtype: dtype of the second moment.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.scale_by_spam()
       >>> state = tx.init(jnp.zeros(2))

@@ -48,7 +48,7 @@ def clip(max_delta: ScalarOrSchedule) -> GradientTransformationExtraArgs:
     Args:
       max_delta: positive bound; a float, 0-d array or schedule of the step.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.clip(1.0)
       >>> u, _ = tx.update({"w": jnp.array([-3.0, 0.5, 2.0])}, tx.init({"w": jnp.zeros(3)}))
@@ -92,7 +92,7 @@ def clip_by_global_norm(
       axis_name: under `pmap`/`shard_map` with parameters sharded over this axis, the norm is
         `psum`-ed over it, giving the norm of the whole model rather than of the shard.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.clip_by_global_norm(1.0)
       >>> u, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init({"w": jnp.zeros(2)}))
@@ -148,7 +148,7 @@ def clip_by_leaf_norm(max_norm: ScalarOrSchedule) -> GradientTransformationExtra
     Args:
       max_norm: positive per-tensor bound; a float, 0-d array or schedule.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.clip_by_leaf_norm(1.0)
       >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.1])}
@@ -170,7 +170,7 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformationExtr
     Args:
       threshold: positive bound on each leaf's RMS; a float, 0-d array or schedule.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.clip_by_block_rms(1.0)
       >>> u, _ = tx.update({"w": jnp.array([2.0, -2.0])}, tx.init({"w": jnp.zeros(2)}))
@@ -226,7 +226,7 @@ def adaptive_grad_clip(
       eps: floor on the parameter norm, so zero-initialised units still move.
       axis: reduction axes defining a unit; `None` infers them from the rank like optax.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.adaptive_grad_clip(0.1)
       >>> p = {"w": jnp.array([1.0, 0.0])}

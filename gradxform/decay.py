@@ -70,7 +70,7 @@ def add_decayed_weights(
       mask: a tree of bools shaped like (a prefix of) the params, or a function of the params
         returning one; `True` leaves are decayed. See `weight_decay_mask`.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> p = {"w": jnp.array([1.0, -2.0])}
       >>> tx = gx.add_decayed_weights(0.1)
@@ -90,13 +90,14 @@ def add_l1_decay(
 
     u_t = g_t + weight_decay * sign(p_t)
 
-    Drives small weights to exactly zero faster than L2 (Tibshirani, 1996).
+    Pulls every weight towards zero by the same amount, so small weights reach (and then
+    oscillate around) zero sooner than under L2 (Tibshirani, 1996).
 
     Args:
       weight_decay: non-negative rate; a float, 0-d array or schedule.
       mask: as in `add_decayed_weights`.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> p = {"w": jnp.array([3.0, -0.5, 0.0])}
       >>> tx = gx.add_l1_decay(0.1)
@@ -116,7 +117,13 @@ def weight_decay_mask(params: Any) -> Any:
     A leaf is decayed when it has at least two dimensions and its name is not `bias`,
     `scale` or `b`. Pass the function itself as `mask=` so it is applied to the params.
 
-    Example:
+    Args:
+      params: the parameter tree.
+
+    Returns:
+      A tree of Python bools shaped like `params`.
+
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> params = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}}
       >>> gx.weight_decay_mask(params)

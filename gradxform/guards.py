@@ -96,7 +96,7 @@ def skip_if(
       give_up_after: optional number of consecutive skips after which spikes are accepted.
       axis_name: `psum` the squared norm over this axis (parameters sharded across it).
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.skip_if(gx.sgd(0.1))
       >>> params = {"w": jnp.ones(2)}
@@ -188,7 +188,7 @@ def dynamic_loss_scale(
     backoff_factor: float = 0.5,
     min_scale: float = 1.0,
 ) -> GradientTransformationExtraArgs:
-    """Dynamic loss scaling for low-precision training (torch GradScaler, Keras
+    """Dynamic loss scaling for low-precision training (torch's GradScaler, Keras's
     LossScaleOptimizer), as a transform around the optimizer.
 
     Compute gradients of `scale_loss(loss, opt_state)`; this transform divides them by the
@@ -198,13 +198,13 @@ def dynamic_loss_scale(
 
     Args:
       inner: the optimizer to wrap.
-      initial_scale: starting scale, 2**15 as in torch and Keras.
+      initial_scale: starting scale (Keras's 2**15; torch's GradScaler starts at 2**16).
       growth_interval: finite steps before the scale grows.
       growth_factor: > 1.
       backoff_factor: in (0, 1).
       min_scale: the scale never drops below this.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax, jax.numpy as jnp
       >>> tx = gx.dynamic_loss_scale(gx.sgd(0.1), initial_scale=1024.0)
       >>> params = jnp.ones(2, jnp.float16)
@@ -213,6 +213,8 @@ def dynamic_loss_scale(
       >>> u, state = tx.update(jax.grad(loss_fn)(params), state, params)
       >>> u, float(gx.loss_scale(state))
       (Array([-0.2, -0.2], dtype=float16), 1024.0)
+
+    Reference: Micikevicius et al., Mixed Precision Training, 2018.
     """
     check_positive("initial_scale", initial_scale)
     check_range("growth_interval", growth_interval, 1)
@@ -255,7 +257,14 @@ def dynamic_loss_scale(
 
 
 def loss_scale(opt_state: Any) -> jax.Array:
-    """The current scale of the (first) `dynamic_loss_scale` found in `opt_state`."""
+    """The current scale of the (first) `dynamic_loss_scale` found in `opt_state`.
+
+    Args:
+      opt_state: any optimizer state containing a `DynamicLossScaleState`.
+
+    Returns:
+      The float32 scale; raises `ValueError` when there is none.
+    """
     found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DynamicLossScaleState))
     for record in found:
         if isinstance(record, DynamicLossScaleState):
@@ -264,7 +273,18 @@ def loss_scale(opt_state: Any) -> jax.Array:
 
 
 def scale_loss(loss: jax.Array, opt_state: Any) -> jax.Array:
-    """`loss * loss_scale(opt_state)`, in the loss's dtype: differentiate this, not `loss`."""
+    """`loss * loss_scale(opt_state)`, in the loss's dtype: differentiate this, not `loss`.
+
+    Args:
+      loss: the scalar loss.
+      opt_state: the state of an optimizer wrapped in `dynamic_loss_scale`.
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> state = gx.dynamic_loss_scale(gx.sgd(0.1), initial_scale=8.0).init(jnp.zeros(1))
+      >>> gx.scale_loss(jnp.float16(0.5), state)
+      Array(4., dtype=float16)
+    """
     return loss * loss_scale(opt_state).astype(jnp.result_type(loss))
 
 
@@ -297,7 +317,7 @@ def stable(
       z_thresh: `zclip`'s z-score bound.
       telemetry: wrap in `health()`.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.stable(gx.adam(1e-3))
       >>> params = {"w": jnp.ones(2)}

@@ -24,7 +24,10 @@ def scale(step_size: float | jax.Array) -> GradientTransformationExtraArgs:
 
     u_t = step_size * g_t
 
-    Example:
+    Args:
+      step_size: any real factor (negative for descent).
+
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.scale(-0.5)
       >>> tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))[0]
@@ -49,7 +52,10 @@ def scale_by_schedule(
 
     u_t = step_size_fn(t) * g_t
 
-    Example:
+    Args:
+      step_size_fn: a function of the int32 step count, e.g. an optax schedule.
+
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp, optax
       >>> tx = gx.scale_by_schedule(optax.linear_schedule(1.0, 0.0, transition_steps=4))
       >>> state = tx.init(jnp.zeros(1))
@@ -83,7 +89,7 @@ def scale_by_learning_rate(
         `optax.warmup_cosine_decay_schedule(...)`.
       flip_sign: negate, so that `optax.apply_updates` descends.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.scale_by_learning_rate(0.1)
       >>> tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))[0]

@@ -38,7 +38,7 @@ def trace(
       nesterov: use Nesterov's look-ahead form.
       accumulator_dtype: dtype of the buffer (e.g. `jnp.float32` for bfloat16 params).
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.trace(0.9)
       >>> state = tx.init(jnp.zeros(2))
@@ -86,7 +86,7 @@ def ema(
       debias: divide by `1 - decay**t` so early averages are not biased towards zero.
       accumulator_dtype: dtype of the running average.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.ema(0.9)
       >>> u, _ = tx.update(jnp.full(2, 4.0), tx.init(jnp.zeros(2)))

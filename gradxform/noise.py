@@ -36,7 +36,7 @@ def add_noise(eta: float, gamma: float, key: jax.Array | int) -> GradientTransfo
       gamma: annealing exponent, >= 0 (the paper uses 0.55).
       key: a PRNG key (`jax.random.key(0)` or `jax.random.PRNGKey(0)`) or an integer seed.
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.add_noise(eta=0.0, gamma=0.55, key=0)
       >>> u, _ = tx.update(jnp.ones(3), tx.init(jnp.zeros(3)))

@@ -33,7 +33,13 @@ def sgd(
 
     `chain(trace(momentum, nesterov), scale_by_learning_rate(learning_rate))`
 
-    Example:
+    Args:
+      learning_rate: >= 0; a float, 0-d array or optax schedule.
+      momentum: heavy-ball coefficient in [0, 1), or `None` for plain SGD.
+      nesterov: use Nesterov momentum.
+      accumulator_dtype: dtype of the momentum buffer.
+
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.sgd(0.1, momentum=0.9, nesterov=True)
       >>> tx.update(jnp.array([1.0]), tx.init(jnp.zeros(1)))[0]
@@ -50,6 +56,17 @@ def adagrad(
     learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 0.1, eps: float = 1e-7
 ) -> GradientTransformationExtraArgs:
     """Adagrad: `chain(scale_by_rss(...), scale_by_learning_rate(learning_rate))`.
+
+    Args:
+      learning_rate: >= 0; a float, 0-d array or optax schedule.
+      initial_accumulator_value: starting sum of squares, >= 0.
+      eps: >= 0, inside the root.
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.adagrad(0.1, initial_accumulator_value=0.0, eps=0.0)
+      >>> tx.update(jnp.array([3.0]), tx.init(jnp.zeros(1)))[0]
+      Array([-0.1], dtype=float32)
 
     Reference: Duchi et al., 2011.
     """
@@ -72,6 +89,23 @@ def rmsprop(
     """RMSprop, optionally centered and with momentum applied after the learning rate.
 
     `chain(scale_by_rms | scale_by_stddev, scale_by_learning_rate, trace(momentum, nesterov))`
+
+    Args:
+      learning_rate: >= 0; a float, 0-d array or optax schedule.
+      decay: EMA rate of the squared gradients, in [0, 1).
+      eps: >= 0, added to the denominator.
+      initial_scale: starting value of the EMA, >= 0.
+      eps_in_sqrt: add `eps` inside the root (optax's convention) or outside.
+      centered: divide by the standard deviation instead of the RMS.
+      momentum: optional heavy-ball coefficient applied after the learning rate.
+      nesterov: use Nesterov momentum.
+      bias_correction: debias the EMAs.
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.rmsprop(0.01, decay=0.0, eps=0.0)
+      >>> tx.update(jnp.array([-5.0]), tx.init(jnp.zeros(1)))[0]
+      Array([0.01], dtype=float32)
 
     Reference: Tieleman & Hinton, 2012; Graves, 2013 (centered).
     """
@@ -97,7 +131,17 @@ def adam(
 ) -> GradientTransformationExtraArgs:
     """Adam: `chain(scale_by_adam(...), scale_by_learning_rate(learning_rate))`.
 
-    Example:
+    Args:
+      learning_rate: >= 0; a float, 0-d array or optax schedule.
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the second moment, in [0, 1).
+      eps: >= 0, added outside the root.
+      eps_root: >= 0, added inside the root.
+      mu_dtype: dtype of the first moment.
+      nesterov: NAdam's look-ahead first moment.
+      nu_dtype: dtype of the second moment.
+
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.adam(1e-3)
       >>> tx.update(jnp.array([4.0]), tx.init(jnp.zeros(1)))[0]
@@ -123,6 +167,21 @@ def nadam(
 ) -> GradientTransformationExtraArgs:
     """NAdam: Adam with Nesterov momentum, `adam(..., nesterov=True)`.
 
+    Args:
+      learning_rate: >= 0; a float, 0-d array or optax schedule.
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the second moment, in [0, 1).
+      eps: >= 0, added outside the root.
+      eps_root: >= 0, added inside the root.
+      mu_dtype: dtype of the first moment.
+      nu_dtype: dtype of the second moment.
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.nadam(1e-3)
+      >>> tx.update(jnp.array([4.0]), tx.init(jnp.zeros(1)))[0]
+      Array([-0.001], dtype=float32)
+
     Reference: Dozat, Incorporating Nesterov Momentum into Adam, 2016.
     """
     return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True, nu_dtype=nu_dtype)
@@ -145,7 +204,20 @@ def adamw(
 
     `chain(scale_by_adam(...), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))`
 
-    Example:
+    Args:
+      learning_rate: >= 0; a float, 0-d array or optax schedule.
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the second moment, in [0, 1).
+      eps: >= 0, added outside the root.
+      eps_root: >= 0, added inside the root.
+      mu_dtype: dtype of the first moment.
+      weight_decay: decoupled decay rate, >= 0; a float, 0-d array or schedule.
+      mask: which leaves to decay (a tree of bools or a function of the params, e.g.
+        `gx.weight_decay_mask`).
+      nesterov: NAdam's look-ahead first moment.
+      nu_dtype: dtype of the second moment.
+
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.adamw(0.1, weight_decay=0.5, mask=gx.weight_decay_mask)
       >>> params = {"kernel": jnp.ones((1, 1)), "bias": jnp.ones(1)}
@@ -177,6 +249,23 @@ def amsgrad(
 ) -> GradientTransformationExtraArgs:
     """AMSGrad: `chain(scale_by_amsgrad(...), scale_by_learning_rate(learning_rate))`.
 
+    Args:
+      learning_rate: >= 0; a float, 0-d array or optax schedule.
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the second moment, in [0, 1).
+      eps: >= 0, added outside the root.
+      eps_root: >= 0, added inside the root.
+      mu_dtype: dtype of the first moment.
+      bias_correction_mu: debias the first moment.
+      bias_correction_nu: debias the second moment before the running maximum.
+      nu_dtype: dtype of the second moment and its maximum.
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.amsgrad(1e-3)
+      >>> tx.update(jnp.array([4.0]), tx.init(jnp.zeros(1)))[0]
+      Array([-0.001], dtype=float32)
+
     Reference: Reddi et al., 2018.
     """
     return chain(
@@ -198,6 +287,18 @@ def adamax(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 ) -> GradientTransformationExtraArgs:
     """Adamax: `chain(scale_by_adamax(...), scale_by_learning_rate(learning_rate))`.
+
+    Args:
+      learning_rate: >= 0; a float, 0-d array or optax schedule.
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the infinity norm, in [0, 1).
+      eps: keeps the infinity norm away from zero.
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.adamax(1e-3, eps=0.0)
+      >>> tx.update(jnp.array([4.0]), tx.init(jnp.zeros(1)))[0]
+      Array([-0.001], dtype=float32)
 
     Reference: Kingma & Ba, 2015 (section 7).
     """

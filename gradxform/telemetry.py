@@ -98,7 +98,7 @@ def health(
       patience: consecutive steps before `vanishing` is raised.
       axis_name: `psum` the squared norms over this axis (parameters sharded across it).
 
-    Example:
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.health(gx.sgd(0.1))
       >>> params = {"w": jnp.ones(4)}
@@ -249,7 +249,13 @@ def read_health(opt_state: Any) -> dict[str, float]:
     `health/global_norm`, `health/grad_norm/Dense_0/kernel`, `clip/norm`, `skip/skipped`.
     One device-to-host transfer for the whole state.
 
-    Example:
+    Args:
+      opt_state: any optimizer state (or a tree containing one).
+
+    Returns:
+      `{name: float}`; booleans are 0.0 / 1.0.
+
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.sgd(0.1))
       >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init({"w": jnp.zeros(2)}))
@@ -319,7 +325,13 @@ def assert_healthy(
     measured value, the bound and the usual remedies in the message. Host side: call it
     outside `jit` (for inside `jit`, see `check_healthy`).
 
-    Example:
+    Args:
+      opt_state: any optimizer state containing `health` records.
+      check_exploding: raise on the exploding flag (or `max_norm`).
+      check_vanishing: raise on the vanishing flag.
+      max_norm: an extra absolute bound on the global norm, checked here.
+
+    Examples:
       >>> import gradxform as gx, jax.numpy as jnp
       >>> tx = gx.health()
       >>> _, state = tx.update({"w": jnp.array([1.0, jnp.nan])}, tx.init({"w": jnp.zeros(2)}))
@@ -380,7 +392,10 @@ def check_healthy(opt_state: Any) -> None:
     Run the step under `jax.experimental.checkify.checkify` or `chex.chexify` to get an error
     naming the step and the norm from inside a compiled step (for debugging runs).
 
-    Example:
+    Args:
+      opt_state: any optimizer state containing `health` records (traced is fine).
+
+    Examples:
       >>> import gradxform as gx, jax, jax.numpy as jnp
       >>> from jax.experimental import checkify
       >>> tx = gx.health()
