@@ -49,12 +49,15 @@ class HealthState(NamedTuple):
     zero_fraction: jax.Array  # float32 fraction of gradient values exactly 0
     log_norm: Moments  # running mean/variance of log ||g|| over finite steps
     z_score: jax.Array  # float32 z-score of log ||g|| against the running moments
+    baseline: Moments  # slow running moments of log ||g|| (the trend a climb departs from)
+    growth: jax.Array  # float32 ||g|| / exp(baseline mean): how far the norm has climbed
     vanishing_leaves: Any  # per leaf: bool, below the vanishing bounds this step
     vanishing_streak: jax.Array  # int32 consecutive steps with some vanishing leaf
     exploding: jax.Array  # bool: z-score or absolute bound exceeded, or non-finite
     vanishing: jax.Array  # bool: some leaf vanishing for `patience` consecutive steps
     z_bound: jax.Array  # float32 `z_threshold` (constant: makes the record self-describing)
     norm_bound: jax.Array  # float32 `max_norm`, inf when unset (constant)
+    growth_bound: jax.Array  # float32 `max_growth`, inf when unset (constant)
     inner: Any  # the wrapped transform's state (EmptyState when used stand-alone)
 
 
@@ -63,8 +66,10 @@ def health(
     *,
     z_threshold: float = 4.0,
     max_norm: float | None = None,
+    max_growth: float | None = 100.0,
     warmup_steps: int = 20,
     decay: float = 0.95,
+    baseline_decay: float = 0.99,
     vanishing_fraction: float = 1e-4,
     ratio_floor: float = 1e-9,
     patience: int = 20,
@@ -76,8 +81,11 @@ def health(
     norm, the update-to-parameter ratio ||u_l|| / ||p_l|| per leaf, the count of non-finite
     values and the fraction of exact zeros. Flags:
 
-      exploding  = non-finite  or  z > z_threshold  or  ||g|| > max_norm,
+      exploding  = non-finite  or  z > z_threshold  or  growth > max_growth
+                   or  ||g|| > max_norm,
                    z = (log||g|| - mean) / std  over the running moments of log||g||
+                   (catches sudden spikes; a steady climb moves the moments with it, so)
+                   growth = ||g|| / exp(slow mean of log||g||)  (catches steady climbs)
       vanishing  = for `patience` consecutive steps some leaf has
                    rms(g_l) < vanishing_fraction * max_k rms(g_k)  or  ratio_l < ratio_floor
 
@@ -90,8 +98,11 @@ def health(
       inner: optional transform to wrap.
       z_threshold: positive bound on the z-score of log ||g||.
       max_norm: optional absolute bound on ||g||.
+      max_growth: bound (> 1) on ||g|| over its slow baseline, or `None`; a norm climbing
+        10% a step is flagged about 70 steps in, at ~600x its baseline, long before overflow.
       warmup_steps: finite steps observed before z-scores count.
       decay: rate of the running moments of log ||g|| after warm-up, in [0, 1).
+      baseline_decay: rate of the slow baseline, in [0, 1) (0.99: ~100 steps of memory).
       vanishing_fraction: relative RMS below which a leaf counts as vanishing.
       ratio_floor: update-to-parameter ratio below which a leaf counts as vanishing
         (leaves whose parameters are all zero are exempt).
@@ -109,6 +120,8 @@ def health(
     check_positive("z_threshold", z_threshold)
     check_range("max_norm", max_norm, 0.0, low_open=True)
     check_decay("decay", decay)
+    check_decay("baseline_decay", baseline_decay)
+    check_range("max_growth", max_growth, 1.0, low_open=True)
     check_range("vanishing_fraction", vanishing_fraction, 0.0, 1.0)
     check_range("ratio_floor", ratio_floor, 0.0)
     check_range("patience", patience, 1)
@@ -125,12 +138,15 @@ def health(
             zero_fraction=jnp.zeros([], jnp.float32),
             log_norm=moments_init(),
             z_score=jnp.zeros([], jnp.float32),
+            baseline=moments_init(),
+            growth=jnp.ones([], jnp.float32),
             vanishing_leaves=jax.tree.map(lambda _: jnp.zeros([], bool), params),
             vanishing_streak=step_counter(),
             exploding=jnp.zeros([], bool),
             vanishing=jnp.zeros([], bool),
             z_bound=jnp.asarray(z_threshold, jnp.float32),
             norm_bound=jnp.asarray(jnp.inf if max_norm is None else max_norm, jnp.float32),
+            growth_bound=jnp.asarray(jnp.inf if max_growth is None else max_growth, jnp.float32),
             inner=EmptyState() if inner is None else inner.init(params),
         )
 
@@ -171,7 +187,10 @@ def health(
         finite = jnp.isfinite(norm) & (nonfinite == 0)
         log_norm = jnp.log(jnp.maximum(norm, 1e-30))
         z = jnp.where(finite, moments_zscore(state.log_norm, log_norm, warmup_steps), jnp.inf)
+        warm = state.baseline.n >= warmup_steps
+        growth = jnp.where(warm & finite, jnp.exp(log_norm - state.baseline.mean), 1.0)
         exploding = (~finite) | (z > state.z_bound) | (norm > state.norm_bound)
+        exploding |= growth > state.growth_bound
         new_state = HealthState(
             count=safe_increment(state.count),
             global_norm=norm,
@@ -181,12 +200,15 @@ def health(
             zero_fraction=zeros / max(sum(sizes), 1),
             log_norm=moments_update(state.log_norm, log_norm, decay, warmup_steps, finite),
             z_score=z,
+            baseline=moments_update(state.baseline, log_norm, baseline_decay, warmup_steps, finite),
+            growth=growth,
             vanishing_leaves=treedef.unflatten(low),
             vanishing_streak=streak,
             exploding=exploding,
             vanishing=streak >= patience,
             z_bound=state.z_bound,
             norm_bound=state.norm_bound,
+            growth_bound=state.growth_bound,
             inner=inner_state,
         )
         return updates, new_state
@@ -265,7 +287,14 @@ def read_health(opt_state: Any) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, record in _records(jax.device_get(opt_state)):
         if isinstance(record, HealthState):
-            for field in ("global_norm", "nonfinite", "zero_fraction", "z_score", "count"):
+            for field in (
+                "global_norm",
+                "nonfinite",
+                "zero_fraction",
+                "z_score",
+                "growth",
+                "count",
+            ):
                 out[f"{name}/{field}"] = _scalar(getattr(record, field))
             for field in ("exploding", "vanishing", "vanishing_streak"):
                 out[f"{name}/{field}"] = _scalar(getattr(record, field))
@@ -357,8 +386,11 @@ def assert_healthy(
         norm_bound = min(_scalar(record.norm_bound), math.inf if max_norm is None else max_norm)
         if check_exploding and (bool(_scalar(record.exploding)) or norm > norm_bound):
             culprits = ", ".join(f"{n} (norm {v:.3g})" for n, v in _top(record.leaf_norms))
+            growth, growth_bound = _scalar(record.growth), _scalar(record.growth_bound)
             if norm > norm_bound:
                 bound = f"> bound {norm_bound:g}"
+            elif growth > growth_bound:
+                bound = f"{growth:.3g}x its running baseline > {growth_bound:g}x"
             else:
                 bound = f"z-score {z:.1f} of log-norm > {z_bound:g} over its running history"
             raise GradientExplosionError(

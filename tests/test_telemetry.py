@@ -176,3 +176,23 @@ def test_check_healthy_inside_jit_with_checkify_and_chexify():
     with pytest.raises(Exception, match="Non-finite gradient at step 1"):
         chex.chexify(jax.jit(step))(bad, tx.init(PARAMS))
         chex.block_until_chexify_assertions_complete()  # chexify reports asynchronously
+
+
+def test_steady_geometric_climb_is_flagged_by_growth_long_before_overflow():
+    """A steady climb keeps the z-score near constant; the slow baseline catches it."""
+    tx = gx.health(warmup_steps=10)
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    for t in range(40):
+        _, state = update(noisy(t), state, PARAMS)
+    flagged_at, z_scores = None, []
+    for k in range(1, 1000):  # +10% a step: overflow after ~900 steps
+        _, state = update(noisy(40 + k, scale=1.1**k), state, PARAMS)
+        z_scores.append(float(state.z_score))
+        if bool(state.exploding):
+            flagged_at = k
+            break
+    assert flagged_at is not None and flagged_at < 120, flagged_at
+    assert max(z_scores) < 4.0  # the z-score alone would have missed it
+    with pytest.raises(gx.GradientExplosionError, match=r"x its running baseline > 100x"):
+        gx.assert_healthy(state)
