@@ -34,7 +34,8 @@ def add_noise(eta: float, gamma: float, key: jax.Array | int) -> GradientTransfo
     Args:
       eta: base variance, >= 0 (the paper uses 0.01, 0.3 or 1.0).
       gamma: annealing exponent, >= 0 (the paper uses 0.55).
-      key: a PRNG key (`jax.random.key(0)` or `jax.random.PRNGKey(0)`) or an integer seed.
+      key: a PRNG key of any implementation (`jax.random.key(0, impl="rbg")`), a raw
+        `jax.random.PRNGKey(0)`, or an integer seed.
 
     Examples:
       >>> import gradxform as gx, jax.numpy as jnp
@@ -50,8 +51,10 @@ def add_noise(eta: float, gamma: float, key: jax.Array | int) -> GradientTransfo
     check_nonnegative("gamma", gamma)
     if isinstance(key, int):
         key = jax.random.key(key)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw PRNGKey array: the default implementation
+    impl = jax.random.key_impl(key)  # kept, so e.g. an "rbg" key stays an "rbg" key
+    key = jax.random.key_data(key)
 
     def init(params):
         del params
@@ -61,7 +64,7 @@ def add_noise(eta: float, gamma: float, key: jax.Array | int) -> GradientTransfo
         del params
         count = safe_increment(state.count)
         std = jnp.sqrt(eta / count**gamma)
-        next_key, sample_key = jax.random.split(jax.random.wrap_key_data(state.key))
+        next_key, sample_key = jax.random.split(jax.random.wrap_key_data(state.key, impl=impl))
         noise = optax.tree.random_like(sample_key, updates, jax.random.normal)
         updates = jax.tree.map(lambda g, n: (g + std * n).astype(g.dtype), updates, noise)
         return updates, AddNoiseState(count, jax.random.key_data(next_key))

@@ -177,3 +177,14 @@ def test_bfloat16_params_with_float32_moments_track_float32_training():
     _, p32, _ = run(gx.adam(1e-2), params32, steps=10)
     _, p16, _ = run(gx.adam(1e-2, mu_dtype=jnp.float32, nu_dtype=jnp.float32), params16, steps=10)
     assert_trees_close(p16, p32, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_add_noise_keeps_the_key_implementation_and_matches_jax(impl):
+    key = jax.random.key(7, impl=impl)
+    tx = gx.add_noise(eta=1.0, gamma=0.0, key=key)
+    u, state = tx.update({"w": jnp.zeros(4)}, tx.init({"w": jnp.zeros(4)}))
+    _, sample = jax.random.split(key)
+    expected = optax.tree.random_like(sample, {"w": jnp.zeros(4)}, jax.random.normal)
+    np.testing.assert_array_equal(u["w"], expected["w"])
+    assert state.key.shape == jax.random.key_data(key).shape
