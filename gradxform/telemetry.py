@@ -237,10 +237,19 @@ def _records(opt_state: Any) -> list[tuple[str, Any]]:
     for record in (x for x in found if type(x) in kinds):
         kind = kinds[type(record)]
         seen[kind] = seen.get(kind, -1) + 1
-        named.append((kind if seen[kind] == 0 else f"{kind}_{seen[kind]}", record))
-        if kind == "health" or kind == "skip" or kind == "loss_scale":
+        heavy = {f: None for f in ("inner", "mu", "nu") if f in record._fields}
+        named.append(
+            (kind if seen[kind] == 0 else f"{kind}_{seen[kind]}", record._replace(**heavy))
+        )
+        if "inner" in heavy:
             named.extend(_records(record.inner))  # inner chains hold their own records
     return named
+
+
+def _fetched_records(opt_state: Any) -> list[tuple[str, Any]]:
+    """`_records`, copied to the host in one transfer that leaves the moments behind."""
+    named = _records(opt_state)
+    return list(zip([n for n, _ in named], jax.device_get([r for _, r in named]), strict=True))
 
 
 # State fields that are not per-step telemetry: inner states, counters, history buffers.
@@ -269,7 +278,7 @@ def read_health(opt_state: Any) -> dict[str, float]:
     Works on any nesting (optax chains, `inject_hyperparams`, `MultiSteps`, `masked`, Flax
     optimizers' `opt_state`) and on `pmap`-replicated state. Names look like
     `health/global_norm`, `health/grad_norm/Dense_0/kernel`, `clip/norm`, `skip/skipped`.
-    One device-to-host transfer for the whole state.
+    One device-to-host transfer of the records alone (moments and inner states stay put).
 
     Args:
       opt_state: any optimizer state (or a tree containing one).
@@ -285,7 +294,7 @@ def read_health(opt_state: Any) -> dict[str, float]:
       {'clip/norm': 5.0, 'clip/threshold': 1.0, 'clip/clipped': 1.0}
     """
     out: dict[str, float] = {}
-    for name, record in _records(jax.device_get(opt_state)):
+    for name, record in _fetched_records(opt_state):
         if isinstance(record, HealthState):
             for field in (
                 "global_norm",
@@ -369,7 +378,7 @@ def assert_healthy(
       ...
       gradxform.telemetry.NonFiniteGradientError: Non-finite gradient at step 1: ...
     """
-    for name, record in _records(jax.device_get(opt_state)):
+    for name, record in _fetched_records(opt_state):
         if not isinstance(record, HealthState):
             continue
         step = int(_scalar(record.count))
