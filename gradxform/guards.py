@@ -64,6 +64,7 @@ def skip_if(
     nonfinite: bool = True,
     norm_z: float | None = 6.0,
     max_norm_ratio: float | None = 100.0,
+    max_norm: float | None = None,
     loss_z: float | None = None,
     window: int = 100,
     warmup_steps: int = 20,
@@ -76,7 +77,8 @@ def skip_if(
       non-finite  any NaN/inf in the gradient, in `inner`'s update, or in `loss=`
       norm spike  z-score of log||g|| against the last `window` accepted steps > `norm_z`,
                   or ||g|| > `max_norm_ratio` x the largest norm in that window (active
-                  from the second step, so spikes inside the z-score warm-up are caught too)
+                  from the second step, so spikes inside the z-score warm-up are caught too),
+                  or ||g|| > `max_norm` (an absolute bound, off by default)
       loss spike  z-score of `loss` against the last `window` accepted losses > `loss_z`
     z-scores count once `warmup_steps` steps were accepted; their std is floored (0.1 in
     log-norm, 1% of the mean loss) so a flat history does not turn noise into spikes.
@@ -90,6 +92,7 @@ def skip_if(
       norm_z: z-score bound on log||g||, or `None` to disable.
       max_norm_ratio: bound on ||g|| relative to the window's largest accepted norm, > 1,
         or `None` to disable.
+      max_norm: absolute bound on ||g||, or `None`.
       loss_z: z-score bound on the loss passed as `update(..., loss=loss)`, or `None`.
       window: size of the rolling windows (fixed-shape state).
       warmup_steps: accepted steps before z-scores count.
@@ -106,6 +109,7 @@ def skip_if(
     """
     check_range("norm_z", norm_z, 0.0, low_open=True)
     check_range("max_norm_ratio", max_norm_ratio, 1.0, low_open=True)
+    check_range("max_norm", max_norm, 0.0, low_open=True)
     check_range("loss_z", loss_z, 0.0, low_open=True)
     check_range("window", window, 1)
     check_range("warmup_steps", warmup_steps, 1, window)
@@ -135,6 +139,8 @@ def skip_if(
             recent = jnp.arange(window) < jnp.minimum(state.written, window)
             largest = jnp.max(jnp.where(recent, state.norms, -jnp.inf))
             norm_spike |= (state.written > 0) & (log_norm > largest + jnp.log(max_norm_ratio))
+        if max_norm is not None:
+            norm_spike |= norm > max_norm
         loss_spike = jnp.zeros([], bool)
         loss_value = jnp.zeros([], jnp.float32)
         if loss is not None:

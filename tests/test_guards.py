@@ -167,3 +167,12 @@ def test_spike_inside_the_zscore_warmup_is_caught_by_the_ratio_bound():
     assert bool(s.skipped) and int(s.skipped_norm) == 1
     _, s = tx.update(grads(4, 5.0), s, PARAMS)  # a 5x rise is not a spike
     assert not bool(s.skipped)
+
+
+def test_absolute_norm_bound_skips_from_the_first_step():
+    tx = gx.skip_if(gx.sgd(0.1), max_norm=5.0)
+    s = tx.init(PARAMS)
+    _, s = tx.update(grads(0, 10.0), s, PARAMS)
+    assert bool(s.skipped) and int(s.skipped_norm) == 1
+    _, s = tx.update(grads(1), s, PARAMS)
+    assert not bool(s.skipped)
