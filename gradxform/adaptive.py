@@ -341,8 +341,12 @@ def scale_by_amsgrad(
     mu_dtype, nu_dtype = _dtype(mu_dtype), _dtype(nu_dtype)
 
     def init(params):
-        nu = zeros_like(params, nu_dtype)
-        return ScaleByAmsgradState(step_counter(), zeros_like(params, mu_dtype), nu, nu)
+        return ScaleByAmsgradState(  # nu and nu_max distinct buffers, so they can be donated
+            step_counter(),
+            zeros_like(params, mu_dtype),
+            zeros_like(params, nu_dtype),
+            zeros_like(params, nu_dtype),
+        )
 
     def update(updates, state, params=None):
         del params

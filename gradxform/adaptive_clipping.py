@@ -246,9 +246,9 @@ def scale_by_spam(
     check_range("warmup_steps", warmup_steps, 0)
 
     def init(params):
-        count = step_counter()
+        c = step_counter  # every leaf its own buffer, so the state can be donated
         return ScaleBySpamState(
-            count, count, zeros_like(params, mu_dtype), zeros_like(params, nu_dtype), count
+            c(), c(), zeros_like(params, mu_dtype), zeros_like(params, nu_dtype), c()
         )
 
     def update(updates, state, params=None):

@@ -116,10 +116,10 @@ def skip_if(
     check_range("give_up_after", give_up_after, 1)
 
     def init(params):
-        zeros = jnp.zeros([window], jnp.float32)
-        count = step_counter()
+        c = step_counter  # every leaf its own buffer, so the state can be donated
+        window_zeros = lambda: jnp.zeros([window], jnp.float32)
         return SkipIfState(
-            count, count, zeros, zeros, jnp.zeros([], bool), count, count, count, count,
+            c(), c(), window_zeros(), window_zeros(), jnp.zeros([], bool), c(), c(), c(), c(),
             inner.init(params),
         )  # fmt: skip
 
@@ -229,11 +229,9 @@ def dynamic_loss_scale(
     check_positive("min_scale", min_scale)
 
     def init(params):
-        count = step_counter()
         scale = jnp.asarray(initial_scale, jnp.float32)
-        return DynamicLossScaleState(
-            count, scale, count, jnp.zeros([], bool), count, inner.init(params)
-        )
+        c = step_counter  # every leaf its own buffer, so the state can be donated
+        return DynamicLossScaleState(c(), scale, c(), jnp.zeros([], bool), c(), inner.init(params))
 
     def update(scaled_grads, state, params=None, **extra_args):
         inverse = 1.0 / state.scale

@@ -174,3 +174,21 @@ def test_extra_args_reach_a_chain_of_gradxform_transforms():
     params = {"w": jnp.ones(2)}
     tx.update({"w": jnp.ones(2)}, tx.init(params), params, loss=jnp.asarray(1.5))
     assert float(seen["loss"]) == 1.5
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_params_and_state_can_be_donated(case):
+    """Every state leaf is its own buffer (shared ones fail 'donate the same buffer twice')."""
+    params = random_tree(0)
+    tx, _ = make(case)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    donated = jax.jit(step, donate_argnums=(0, 1))
+    state = tx.init(params)
+    p = jax.tree.map(jnp.copy, params)
+    for t in range(3):
+        p, state = donated(p, state, gradients_at(params, t))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
