@@ -196,3 +196,20 @@ def test_steady_geometric_climb_is_flagged_by_growth_long_before_overflow():
     assert max(z_scores) < 4.0  # the z-score alone would have missed it
     with pytest.raises(gx.GradientExplosionError, match=r"x its running baseline > 100x"):
         gx.assert_healthy(state)
+
+
+@pytest.mark.parametrize("size", [4096 * 3 + 17, 4096 * 250])
+def test_one_pass_statistics_of_a_large_leaf_match_float64(size):
+    g = np.random.default_rng(0).normal(size=size).astype(np.float32)
+    g[:100] = 0.0
+    p = np.linspace(-2.0, 2.0, size, dtype=np.float32)
+    tx = gx.health(gx.scale(-0.5))
+    _, s = jax.jit(tx.update)({"w": jnp.asarray(g)}, tx.init({"w": p}), {"w": jnp.asarray(p)})
+    g64, p64 = g.astype(np.float64), p.astype(np.float64)
+    np.testing.assert_allclose(s.global_norm, np.linalg.norm(g64), rtol=1e-6)
+    ratio = 0.5 * np.linalg.norm(g64) / np.linalg.norm(p64)
+    np.testing.assert_allclose(s.update_ratios["w"], ratio, rtol=1e-6)
+    np.testing.assert_allclose(s.zero_fraction, 100 / size, rtol=1e-6)
+    g[5], g[-1] = np.nan, -np.inf  # one in the blocks, one in the tail
+    _, s = tx.update({"w": jnp.asarray(g)}, tx.init({"w": p}), {"w": jnp.asarray(p)})
+    assert int(s.nonfinite) == 2
