@@ -69,12 +69,14 @@ def skip_if(
     window: int = 100,
     warmup_steps: int = 20,
     give_up_after: int | None = None,
+    check_updates: bool = False,
     axis_name: str | None = None,
 ) -> GradientTransformationExtraArgs:
     """Skip the step (zero update, `inner` state unchanged) when the gradient looks wrong.
 
     Reasons, each counted in the state:
-      non-finite  any NaN/inf in the gradient, in `inner`'s update, or in `loss=`
+      non-finite  any NaN/inf in the gradient or in `loss=` (with `check_updates=True`, also
+                  in `inner`'s update)
       norm spike  z-score of log||g|| against the last `window` accepted steps > `norm_z`,
                   or ||g|| > `max_norm_ratio` x the largest norm in that window (active
                   from the second step, so spikes inside the z-score warm-up are caught too),
@@ -97,6 +99,9 @@ def skip_if(
       window: size of the rolling windows (fixed-shape state).
       warmup_steps: accepted steps before z-scores count.
       give_up_after: optional number of consecutive skips after which spikes are accepted.
+      check_updates: also skip when `inner` turns finite gradients into a non-finite update
+        (e.g. Adam with `eps=0` on an all-zero gradient). Costs one more pass over the
+        updates, which must then be materialised before the zeroing select.
       axis_name: `psum` the squared norm over this axis (parameters sharded across it).
 
     Examples:
@@ -128,7 +133,7 @@ def skip_if(
         loss = extra_args.get("loss")
         norm = global_norm(grads, axis_name)
         bad = ~jnp.isfinite(norm) if nonfinite else jnp.zeros([], bool)
-        if nonfinite:
+        if check_updates:
             bad |= ~jnp.isfinite(global_norm(updates, axis_name))
         log_norm = jnp.log(jnp.maximum(norm, 1e-30))
         z_norm = jnp.zeros([], jnp.float32)
