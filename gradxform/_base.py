@@ -280,7 +280,15 @@ def moments_update(m: Moments, x: jax.Array, decay: float, warmup: int, accept=T
     return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, m)
 
 
-def moments_zscore(m: Moments, x: jax.Array, warmup: int) -> jax.Array:
-    """`(x - mean) / std`, or 0 before `warmup` observations (no basis for a judgement yet)."""
-    z = (x - m.mean) / jnp.sqrt(jnp.maximum(m.var, 1e-12))
+# Floor on the spread of log||g|| in z-scores (`health`, `skip_if`): z > 4 then means at least
+# e**1 (~2.7x) above the running level, however steady the history has been.
+LOG_NORM_MIN_STD = 0.25
+
+
+def moments_zscore(m: Moments, x: jax.Array, warmup: int, min_std: float = 1e-6) -> jax.Array:
+    """`(x - mean) / max(std, min_std)`, or 0 before `warmup` observations (no basis yet).
+
+    `min_std` keeps a very steady history from turning a small wobble into a large z-score.
+    """
+    z = (x - m.mean) / jnp.maximum(jnp.sqrt(jnp.maximum(m.var, 0.0)), min_std)
     return jnp.where(m.n >= warmup, z, 0.0)

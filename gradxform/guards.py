@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gradxform._base import (
+    LOG_NORM_MIN_STD,
     GradientTransformationExtraArgs,
     chain,
     check_positive,
@@ -82,7 +83,7 @@ def skip_if(
                   from the second step, so spikes inside the z-score warm-up are caught too),
                   or ||g|| > `max_norm` (an absolute bound, off by default)
       loss spike  z-score of `loss` against the last `window` accepted losses > `loss_z`
-    z-scores count once `warmup_steps` steps were accepted; their std is floored (0.1 in
+    z-scores count once `warmup_steps` steps were accepted; their std is floored (0.25 in
     log-norm, 1% of the mean loss) so a flat history does not turn noise into spikes.
 
     With `give_up_after=N`, after N consecutive skips the next spike is accepted (the
@@ -138,7 +139,8 @@ def skip_if(
         log_norm = jnp.log(jnp.maximum(norm, 1e-30))
         z_norm = jnp.zeros([], jnp.float32)
         if norm_z is not None:
-            z_norm = _window_z(state.norms, state.written, log_norm, lambda m: 0.1, warmup_steps)
+            floor = lambda m: LOG_NORM_MIN_STD
+            z_norm = _window_z(state.norms, state.written, log_norm, floor, warmup_steps)
         norm_spike = z_norm > (norm_z if norm_z is not None else jnp.inf)
         if max_norm_ratio is not None:
             recent = jnp.arange(window) < jnp.minimum(state.written, window)
@@ -302,6 +304,7 @@ def stable(
     *,
     norm_z: float | None = 6.0,
     max_norm_ratio: float | None = 100.0,
+    max_norm: float | None = None,
     loss_z: float | None = None,
     z_thresh: float = 2.5,
     telemetry: bool = True,
@@ -322,6 +325,7 @@ def stable(
       optimizer: any gradient transformation, e.g. `gx.sgd(0.05, momentum=0.9)`.
       norm_z: `skip_if`'s bound on the z-score of log||g||, or `None`.
       max_norm_ratio: `skip_if`'s bound relative to the largest recent norm, or `None`.
+      max_norm: `skip_if`'s absolute bound on ||g|| (also `health`'s), or `None`.
       loss_z: `skip_if`'s bound on the loss z-score (pass `loss=` to `update`), or `None`.
       z_thresh: `zclip`'s z-score bound.
       telemetry: wrap in `health()`.
@@ -338,5 +342,7 @@ def stable(
     from gradxform.telemetry import health
 
     clipped = chain(zclip(z_thresh=z_thresh, max_norm=None), optimizer)
-    guarded = skip_if(clipped, norm_z=norm_z, max_norm_ratio=max_norm_ratio, loss_z=loss_z)
-    return health(guarded) if telemetry else guarded
+    guarded = skip_if(
+        clipped, norm_z=norm_z, max_norm_ratio=max_norm_ratio, max_norm=max_norm, loss_z=loss_z
+    )
+    return health(guarded, max_norm=max_norm) if telemetry else guarded

@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from gradxform._base import (
+    LOG_NORM_MIN_STD,
     ClipRecord,
     EmptyState,
     GradientTransformationExtraArgs,
@@ -82,7 +83,7 @@ def health(
 
       exploding  = non-finite  or  z > z_threshold  or  growth > max_growth
                    or  ||g|| > max_norm,
-                   z = (log||g|| - mean) / std  over the running moments of log||g||
+                   z = (log||g|| - mean) / max(std, 0.25)  over running moments of log||g||
                    (catches sudden spikes; a steady climb moves the moments with it, so)
                    growth = ||g|| / exp(slow mean of log||g||)  (catches steady climbs)
       vanishing  = for `patience` consecutive steps some leaf has
@@ -183,10 +184,14 @@ def health(
         ]
         any_low = jnp.any(jnp.stack(low)) if low else jnp.zeros([], bool)
         streak = jnp.where(any_low, safe_increment(state.vanishing_streak), 0)
+        if len(sums[0] if sums else ()) > 3:  # an all-zero update (a skipped step) is no evidence
+            moved = sum((s[4] for s in sums), jnp.zeros([], jnp.float32)) > 0
+            streak = jnp.where(moved, streak, state.vanishing_streak)
 
         finite = jnp.isfinite(norm) & (nonfinite == 0)
         log_norm = jnp.log(jnp.maximum(norm, 1e-30))
-        z = jnp.where(finite, moments_zscore(state.log_norm, log_norm, warmup_steps), jnp.inf)
+        z = moments_zscore(state.log_norm, log_norm, warmup_steps, min_std=LOG_NORM_MIN_STD)
+        z = jnp.where(finite, z, jnp.inf)
         warm = state.baseline.n >= warmup_steps
         growth = jnp.where(warm & finite, jnp.exp(log_norm - state.baseline.mean), 1.0)
         exploding = (~finite) | (z > state.z_bound) | (norm > state.norm_bound)
@@ -382,6 +387,7 @@ def _top(tree: Any, k: int = 3, reverse: bool = True) -> list[tuple[str, float]]
 def assert_healthy(
     opt_state: Any,
     *,
+    check_nonfinite: bool = True,
     check_exploding: bool = True,
     check_vanishing: bool = True,
     max_norm: float | None = None,
@@ -395,7 +401,8 @@ def assert_healthy(
 
     Args:
       opt_state: any optimizer state containing `health` records.
-      check_exploding: raise on the exploding flag (or `max_norm`).
+      check_nonfinite: raise on NaN/inf gradient values.
+      check_exploding: raise on the exploding flag (or `max_norm`) of a finite step.
       check_vanishing: raise on the vanishing flag.
       max_norm: an extra absolute bound on the global norm, checked here.
 
@@ -413,7 +420,7 @@ def assert_healthy(
             continue
         step = int(_scalar(record.count))
         norm = _scalar(record.global_norm)
-        if _scalar(record.nonfinite) > 0:
+        if check_nonfinite and _scalar(record.nonfinite) > 0:
             bad = [n for n, v in _top(record.leaf_norms, k=10**9) if not math.isfinite(v)]
             raise NonFiniteGradientError(
                 f"Non-finite gradient at step {step}: {int(_scalar(record.nonfinite))} NaN/inf "
@@ -421,6 +428,8 @@ def assert_healthy(
                 "learning rate or add warm-up, clip (`gx.clip_by_global_norm`, `gx.zclip`), "
                 "guard the step (`gx.skip_if`, `gx.stable`), use loss scaling in low precision."
             )
+        if not (_scalar(record.nonfinite) == 0 and math.isfinite(norm)):
+            continue  # a non-finite step is reported as such (or deliberately not)
         z, z_bound = _scalar(record.z_score), _scalar(record.z_bound)
         norm_bound = min(_scalar(record.norm_bound), math.inf if max_norm is None else max_norm)
         if check_exploding and (bool(_scalar(record.exploding)) or norm > norm_bound):

@@ -176,3 +176,12 @@ def test_absolute_norm_bound_skips_from_the_first_step():
     assert bool(s.skipped) and int(s.skipped_norm) == 1
     _, s = tx.update(grads(1), s, PARAMS)
     assert not bool(s.skipped)
+
+
+def test_stable_takes_an_absolute_bound_for_guard_and_telemetry():
+    tx = gx.stable(gx.sgd(0.1), max_norm=5.0)
+    state = tx.init(PARAMS)
+    u, state = tx.update(grads(0, 100.0), state, PARAMS)
+    assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(u))
+    metrics = gx.read_health(state)
+    assert metrics["skip/skipped_norm"] == 1.0 and metrics["health/exploding"] == 1.0

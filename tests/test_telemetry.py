@@ -213,3 +213,32 @@ def test_one_pass_statistics_of_a_large_leaf_match_float64(size):
     g[5], g[-1] = np.nan, -np.inf  # one in the blocks, one in the tail
     _, s = tx.update({"w": jnp.asarray(g)}, tx.init({"w": p}), {"w": jnp.asarray(p)})
     assert int(s.nonfinite) == 2
+
+
+def test_a_small_wobble_after_a_very_steady_history_is_not_an_explosion():
+    tx = gx.health(warmup_steps=10)
+    state = tx.init(PARAMS)
+    for _ in range(50):
+        _, state = tx.update(noisy(0), state, PARAMS)  # identical norms: std ~ 0
+    _, wobble = tx.update(noisy(0, scale=1.5), state, PARAMS)
+    assert not bool(wobble.exploding)  # the std floor: 1.5x is z ~ 1.6, not z ~ 1e5
+    _, jump = tx.update(noisy(0, scale=10.0), state, PARAMS)
+    assert bool(jump.exploding)
+
+
+def test_skipped_steps_do_not_count_as_vanishing():
+    tx = gx.health(gx.skip_if(gx.sgd(0.1)), patience=3)
+    state = tx.init(PARAMS)
+    for t in range(6):
+        _, state = tx.update(jax.tree.map(lambda x: x * jnp.nan, noisy(t)), state, PARAMS)
+    assert int(state.inner.skipped_nonfinite) == 6
+    assert int(state.vanishing_streak) == 0 and not bool(state.vanishing)
+
+
+def test_assert_healthy_can_leave_nonfinite_steps_to_the_caller():
+    g = noisy(0)
+    g["layer0"]["w"] = g["layer0"]["w"] * jnp.nan
+    state = feed(gx.health(), [g], PARAMS)
+    gx.assert_healthy(state, check_nonfinite=False)  # neither non-finite nor "explosion"
+    with pytest.raises(gx.NonFiniteGradientError):
+        gx.assert_healthy(state)
