@@ -63,6 +63,7 @@ from gradxform.optimizers import amsgrad as amsgrad
 from gradxform.optimizers import nadam as nadam
 from gradxform.optimizers import rmsprop as rmsprop
 from gradxform.optimizers import sgd as sgd
+from gradxform.plots import plot_health as plot_health
 from gradxform.telemetry import GradientExplosionError as GradientExplosionError
 from gradxform.telemetry import GradientHealthError as GradientHealthError
 from gradxform.telemetry import HealthState as HealthState

@@ -1,0 +1,255 @@
+"""Pictures of gradient health: `plot_health` draws a run's telemetry history as one PNG.
+
+matplotlib is an optional dependency (`pip install gradxform[plots]`); it is imported when a
+plot is drawn, and drawing uses the Agg canvas directly, so pyplot's global backend and figure
+registry are never touched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+History = Sequence[Mapping[str, float]] | Mapping[str, Any]
+
+_NONFINITE_COLOUR = "#19d3f3"
+# `health` divides by max(||p||, 1e-30): a ratio this large means the parameters were all zero
+# (a zero-initialised bias on its first step), not a meaningful update size.
+_ZERO_PARAM_RATIO = 1e12
+
+
+def _columns(history: History) -> dict[str, np.ndarray]:
+    """`{name: float64[steps]}` from a list of `read_health` dicts or a dict of arrays."""
+    if isinstance(history, Mapping):
+        columns = {k: np.asarray(v, np.float64).reshape(-1) for k, v in history.items()}
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(
+                f"`history` arrays must all have one value per step; got lengths {sorted(lengths)}."
+            )
+        steps = lengths.pop() if lengths else 0
+    else:
+        history = list(history)
+        steps = len(history)
+        names = list(dict.fromkeys(k for record in history for k in record))
+        columns = {
+            k: np.array([record.get(k, np.nan) for record in history], np.float64) for k in names
+        }
+    if steps == 0:
+        raise ValueError(
+            "`history` is empty: pass a list of `gx.read_health(opt_state)` dicts, one per "
+            "logged step, or a dict of per-step arrays."
+        )
+    return columns
+
+
+def _natural(name: str) -> list:
+    """Sort key putting `Dense_2` before `Dense_10` (network order for numbered layers)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _leaves(columns: dict[str, np.ndarray], prefix: str) -> tuple[list[str], np.ndarray]:
+    names = sorted((k for k in columns if k.startswith(prefix)), key=_natural)
+    values = np.stack([columns[k] for k in names]) if names else np.zeros((0, 0))
+    return [n.removeprefix(prefix) for n in names], values
+
+
+def plot_health(
+    history: History, path: str | Path, *, record: str = "health", title: str | None = None
+) -> Path:
+    """Draw a run's gradient-health telemetry to a PNG at `path`; return the path.
+
+    Three panels over the logged steps:
+
+    1. per-leaf gradient norm heatmap, log colour scale, leaves in network order (natural
+       sort of the leaf paths, input at the top): vanishing gradients show as a dark band at
+       the early layers, an explosion as a bright column; non-finite norms in cyan;
+    2. the global gradient norm (log scale) with every clipping threshold in the history
+       (`clip/threshold`, `zclip/threshold`, ...), steps flagged `exploding` (triangles) and
+       skipped steps (`skip/skipped`, `loss_scale/skipped`: red lines);
+    3. each leaf's update-to-parameter ratio (log scale, coloured input to output), with the
+       steps flagged `vanishing` shaded (ratios of all-zero parameters, e.g. a zero-initialised
+       bias on its first step, are left out).
+
+    Args:
+      history: a list of `gx.read_health(opt_state)` dicts, one per logged step, or a dict of
+        per-step arrays under the same names. The step axis is `<record>/count` when present.
+      path: the PNG file to write.
+      record: which health record to draw (`"health"`, or `"health_1"` for a second one).
+      title: optional figure title.
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp, tempfile, os
+      >>> from gradxform.plots import plot_health
+      >>> tx = gx.health(gx.sgd(0.1))
+      >>> params, state, history = {"w": jnp.ones(3)}, tx.init({"w": jnp.ones(3)}), []
+      >>> for step in range(5):
+      ...     _, state = tx.update({"w": jnp.full(3, 0.1 * step)}, state, params)
+      ...     history.append(gx.read_health(state))
+      >>> png = plot_health(history, os.path.join(tempfile.mkdtemp(), "health.png"))
+      >>> png.stat().st_size > 0
+      True
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure
+
+    columns = _columns(history)
+    norm_key = f"{record}/global_norm"
+    if norm_key not in columns:
+        found = sorted({k.split("/", 1)[0] for k in columns})
+        raise ValueError(
+            f"`history` has no `{norm_key}`: it holds records {found}. Put `gx.health()` in the "
+            "chain (or use `gx.stable`), log `gx.read_health(opt_state)` each step, or pass "
+            "`record=` naming one of the health records."
+        )
+    n = len(columns[norm_key])
+    count = columns.get(f"{record}/count")
+    steps = count if count is not None and np.all(np.isfinite(count)) else np.arange(1, n + 1)
+    leaf_names, grad_norms = _leaves(columns, f"{record}/grad_norm/")
+    ratio_names, ratios = _leaves(columns, f"{record}/update_ratio/")
+
+    rows = max(len(leaf_names), 1)
+    fig = Figure(figsize=(11, 2.0 + 0.16 * rows + 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(
+        3, 2, height_ratios=[max(2.0, 0.16 * rows), 2.5, 2.5], width_ratios=[60, 1]
+    )
+    ax_heat = fig.add_subplot(grid[0, 0])
+    ax_norm = fig.add_subplot(grid[1, 0], sharex=ax_heat)
+    ax_ratio = fig.add_subplot(grid[2, 0], sharex=ax_heat)
+    if title:
+        fig.suptitle(title)
+
+    # x edges of each step's cell, for the heatmap
+    mids = (steps[1:] + steps[:-1]) / 2 if n > 1 else np.zeros(0)
+    first = steps[0] - (mids[0] - steps[0] if n > 1 else 0.5)
+    last = steps[-1] + (steps[-1] - mids[-1] if n > 1 else 0.5)
+    edges = np.concatenate([[first], mids, [last]])
+
+    # 1. heatmap of per-leaf gradient norms
+    finite = np.isfinite(grad_norms)
+    positive = grad_norms[finite & (grad_norms > 0)]
+    if positive.size:
+        import matplotlib
+
+        cmap = matplotlib.colormaps["magma"].with_extremes(bad=_NONFINITE_COLOUR)
+        shown = np.where(finite, np.maximum(grad_norms, positive.min()), np.nan)
+        mesh = ax_heat.pcolormesh(
+            edges, np.arange(len(leaf_names) + 1) - 0.5, np.ma.masked_invalid(shown),
+            cmap=cmap, norm=LogNorm(positive.min(), positive.max()), shading="flat",
+        )  # fmt: skip
+        fig.colorbar(mesh, cax=fig.add_subplot(grid[0, 1]), label="gradient norm")
+        ax_heat.set_ylim(len(leaf_names) - 0.5, -0.5)
+    else:
+        ax_heat.text(0.5, 0.5, "no finite per-leaf norms", transform=ax_heat.transAxes, ha="center")
+    ax_heat.set_yticks(range(len(leaf_names)), leaf_names, fontsize=max(4, min(8, 400 // rows)))
+    nonfinite_note = ", cyan: non-finite" if (~finite).any() else ""
+    ax_heat.set_title(f"per-leaf gradient norm (input at the top{nonfinite_note})", fontsize=10)
+    ax_heat.tick_params(labelbottom=False)
+
+    # 2. global norm, clip thresholds, exploding flags, skipped steps
+    global_norm = columns[norm_key]
+    ok = np.isfinite(global_norm) & (global_norm > 0)
+    ax_norm.plot(
+        steps, np.where(ok, global_norm, np.nan), lw=0.9, color="black", label="global norm"
+    )
+    for key in sorted(columns, key=_natural):
+        kind, _, field = key.partition("/")
+        shown = np.isfinite(columns[key]) & (columns[key] > 0)
+        if field == "threshold" and kind != record and shown.any():  # inf: not clipping
+            ax_norm.plot(
+                steps,
+                np.where(shown, columns[key], np.nan),
+                "--",
+                lw=0.9,
+                label=f"{kind} threshold",
+            )
+    top = ax_norm.get_xaxis_transform()
+    bad = ~np.isfinite(global_norm)
+    if bad.any():
+        ax_norm.plot(
+            steps[bad],
+            np.full(bad.sum(), 0.97),
+            "x",
+            color=_NONFINITE_COLOUR,
+            transform=top,
+            label="non-finite",
+        )
+    flagged = columns.get(f"{record}/exploding", np.zeros(n)) > 0
+    if flagged.any():
+        ax_norm.plot(
+            steps[flagged],
+            np.full(flagged.sum(), 0.9),
+            "v",
+            ms=4,
+            color="tab:orange",
+            transform=top,
+            label="exploding flag",
+        )
+    skipped = np.zeros(n, bool)
+    for key in columns:
+        if key.endswith("/skipped"):
+            skipped |= columns[key] > 0
+    if skipped.any():
+        ax_norm.vlines(
+            steps[skipped],
+            0,
+            1,
+            transform=top,
+            colors="tab:red",
+            lw=0.6,
+            alpha=0.6,
+            label="skipped step",
+        )
+    if ok.any():
+        ax_norm.set_yscale("log")
+    ax_norm.set_ylabel("global norm")
+    ax_norm.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), ncol=6, frameon=False)
+    ax_norm.grid(alpha=0.3)
+    ax_norm.tick_params(labelbottom=False)
+
+    # 3. update-to-parameter ratios, coloured from input to output
+    import matplotlib
+
+    order = Normalize(0, max(len(ratio_names) - 1, 1))
+    cmap = matplotlib.colormaps["viridis"]
+    drawn = False
+    for i, values in enumerate(ratios):
+        ok = np.isfinite(values) & (values > 0) & (values < _ZERO_PARAM_RATIO)
+        drawn |= bool(ok.any())
+        ax_ratio.plot(steps, np.where(ok, values, np.nan), lw=0.7, color=cmap(order(i)))
+    vanishing = columns.get(f"{record}/vanishing", np.zeros(n)) > 0
+    if vanishing.any():
+        ax_ratio.fill_between(
+            steps,
+            0,
+            1,
+            where=vanishing,
+            step="mid",
+            transform=ax_ratio.get_xaxis_transform(),
+            color="tab:blue",
+            alpha=0.12,
+            label="vanishing flag",
+        )
+        ax_ratio.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
+    if drawn:
+        ax_ratio.set_yscale("log")
+    if ratio_names:
+        scalar = matplotlib.cm.ScalarMappable(order, cmap)
+        bar = fig.colorbar(scalar, cax=fig.add_subplot(grid[2, 1]))
+        bar.set_ticks(
+            [0, len(ratio_names) - 1], labels=[ratio_names[0], ratio_names[-1]], fontsize=7
+        )
+    ax_ratio.set_ylabel("||update|| / ||param||")
+    ax_ratio.set_xlabel("step")
+    ax_ratio.grid(alpha=0.3)
+    fig.add_subplot(grid[1, 1]).set_axis_off()
+
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,98 @@
+"""`plot_health`: one PNG from a `read_health` history (list of dicts or dict of arrays)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradxform as gx
+from gradxform.plots import _leaves, plot_health
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _params():
+    # `Dense_10` sorts before `Dense_2` as a string: the heatmap must still show network order
+    return {
+        f"Dense_{i}": {"kernel": jnp.full((4, 4), 0.5), "bias": jnp.zeros(4)} for i in (0, 1, 2, 10)
+    }
+
+
+def _history(steps: int = 40) -> list[dict[str, float]]:
+    """`read_health` dicts of `gx.stable(sgd)` with a spike at step 30 and a NaN at step 35."""
+    params = _params()
+    tx = gx.stable(gx.sgd(0.1))
+    state, history = tx.init(params), []
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    for step in range(1, steps + 1):
+        scale = 1e4 if step == 30 else jnp.nan if step == 35 else 1.0
+        grads = {
+            name: {
+                k: jnp.asarray(rng.normal(size=v.shape) * scale, jnp.float32)
+                for k, v in leaf.items()
+            }
+            for name, leaf in params.items()
+        }
+        _, state = update(grads, state, params)
+        history.append(gx.read_health(state))
+    return history
+
+
+@pytest.fixture(scope="module")
+def history() -> list[dict[str, float]]:
+    return _history()
+
+
+def test_plot_health_writes_png_from_read_health_dicts(history, tmp_path):
+    assert history[29]["skip/skipped"] == 1.0 and history[34]["health/nonfinite"] > 0
+    path = plot_health(history, tmp_path / "health.png", title="stable(sgd)")
+    assert path == tmp_path / "health.png"
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 20_000  # three drawn panels, not an empty canvas
+
+
+def test_plot_health_accepts_dict_of_arrays(history, tmp_path):
+    columns = {k: np.array([h[k] for h in history]) for k in history[0]}
+    path = plot_health(columns, tmp_path / "columns.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_health_draws_a_run_that_is_nonfinite_throughout(tmp_path):
+    names = ["health/global_norm", "health/grad_norm/w", "health/update_ratio/w"]
+    path = plot_health({k: np.full(5, np.nan) for k in names}, tmp_path / "nan.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    "empty", [[], {}, {"health/global_norm": []}], ids=["list", "dict", "arrays"]
+)
+def test_plot_health_rejects_empty_history(empty, tmp_path):
+    with pytest.raises(ValueError, match=r"`history` is empty: pass a list of `gx.read_health"):
+        plot_health(empty, tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()
+
+
+def test_plot_health_names_the_missing_health_record(tmp_path):
+    tx = gx.chain(gx.clip_by_global_norm(1.0), gx.sgd(0.1))
+    params = {"w": jnp.ones(3)}
+    _, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+    with pytest.raises(ValueError, match=r"no `health/global_norm`.*\['clip'\].*gx.health\(\)"):
+        plot_health([gx.read_health(state)], tmp_path / "clip.png")
+
+
+def test_plot_health_rejects_arrays_of_different_lengths(tmp_path):
+    ragged = {"health/global_norm": np.ones(4), "health/grad_norm/w": np.ones(3)}
+    with pytest.raises(ValueError, match=r"one value per step; got lengths \[3, 4\]"):
+        plot_health(ragged, tmp_path / "ragged.png")
+
+
+def test_heatmap_rows_follow_network_order(history):
+    names, values = _leaves(
+        {k: np.array([h[k] for h in history]) for k in history[0]}, "health/grad_norm/"
+    )
+    assert names == [f"Dense_{i}/{k}" for i in (0, 1, 2, 10) for k in ("bias", "kernel")]
+    assert values.shape == (8, len(history))
