@@ -1,0 +1,1 @@
+"""The gradxform example: Flax NNX training on real data (`python examples/train.py`)."""

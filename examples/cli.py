@@ -1,0 +1,223 @@
+"""Command line of `examples/train.py`: flags -> `Config` -> `loop.train` -> printed summary.
+
+Several hosts (`--distributed`): start the same command on every host with
+`--parallel sharded` (or `pmap`) and `--distributed`, which calls `jax.distributed.initialize()`.
+On Cloud TPU, SLURM and Open MPI, JAX detects the coordinator, the process count and each
+process's id by itself. Elsewhere pass them on each host:
+`--coordinator-address host0:1234 --num-processes <hosts> --process-id <0..hosts-1>` (of these,
+JAX reads only the address from the environment, as `JAX_COORDINATOR_ADDRESS`). Every process
+reads the same data and takes its own slice of each global batch; process 0 writes the run
+directory (put it on storage all hosts can read to `--resume`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Config, UsageError
+
+_D = Config()
+_CLUSTER = ("coordinator_address", "num_processes", "process_id")  # jax.distributed.initialize
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python examples/train.py",
+        description="Train a Flax NNX MLP or CNN with a gradxform optimizer (defaults: a CNN on "
+        "scikit-learn's 8x8 digits, AdamW with a cosine schedule, under a minute on a CPU).",
+        epilog=__doc__.split("\n\n", 1)[1],
+        argument_default=argparse.SUPPRESS,  # only flags given appear, so --resume can check them
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    def add(group, flag: str, help: str, **kw):
+        field = flag.lstrip("-").replace("-", "_")
+        default = getattr(_D, field, None)
+        if kw.get("action") != "store_true":
+            help += f" (default: {default})"
+        group.add_argument(flag, help=help, **kw)
+
+    g = p.add_argument_group("data")
+    add(g, "--dataset", "data set", choices=["digits", "mnist", "fashion_mnist", "cifar10"])
+    add(
+        g,
+        "--data-dir",
+        "folder with the MNIST/Fashion-MNIST IDX files or the CIFAR-10 binary batches",
+    )
+    add(g, "--batch-size", "global batch size, split evenly over devices", type=int)
+    add(g, "--steps", "training steps", type=int)
+    add(g, "--seed", "seed for initialisation, data order, dropout and noise", type=int)
+
+    g = p.add_argument_group("model")
+    add(g, "--model", "architecture", choices=["mlp", "cnn"])
+    add(g, "--depth", "MLP hidden layers", type=int)
+    add(g, "--width", "MLP hidden width / CNN dense width", type=int)
+    add(
+        g,
+        "--channels",
+        "CNN conv channels, e.g. 32,64",
+        type=lambda s: tuple(int(c) for c in s.split(",")),
+    )
+    add(g, "--activation", "activation", choices=["relu", "gelu", "silu", "tanh", "elu"])
+    add(g, "--init", "MLP kernel initialiser", choices=["he", "lecun", "glorot", "he_uniform"])
+    add(g, "--init-scale", "MLP kernel init multiplier", type=float)
+    add(g, "--batch-norm", "CNN batch normalisation", action="store_true")
+    add(g, "--dropout", "dropout rate before the output layer", type=float)
+
+    g = p.add_argument_group("optimizer")
+    add(
+        g,
+        "--impl",
+        "library building the chain (optax: to compare)",
+        choices=["gradxform", "optax"],
+    )
+    add(
+        g,
+        "--optimizer",
+        "optimizer",
+        choices=["sgd", "adagrad", "rmsprop", "adam", "adamw", "nadam", "amsgrad", "adamax"],
+    )
+    add(g, "--lr", "peak learning rate", type=float)
+    add(
+        g,
+        "--lr-schedule",
+        "schedule after warm-up",
+        choices=["constant", "cosine", "linear", "exponential"],
+    )
+    add(g, "--warmup", "linear warm-up steps", type=int)
+    add(g, "--momentum", "SGD/RMSprop momentum", type=float)
+    add(g, "--nesterov", "Nesterov momentum (SGD, RMSprop, Adam family)", action="store_true")
+    add(g, "--b1", "Adam beta1", type=float)
+    add(g, "--b2", "Adam beta2", type=float)
+    add(g, "--eps", "epsilon of adaptive optimizers", type=float)
+    add(g, "--rms-decay", "RMSprop decay", type=float)
+    add(g, "--centered", "centered RMSprop", action="store_true")
+    add(
+        g, "--weight-decay", "AdamW decoupled decay, else coupled L2 (None: AdamW 1e-4)", type=float
+    )
+    add(g, "--l1", "L1 penalty", type=float)
+    add(g, "--clip-value", "clip each gradient element to [-x, x]", type=float)
+    add(g, "--clip-global-norm", "clip the global gradient norm", type=float)
+    add(g, "--clip-leaf-norm", "clip each tensor's gradient norm", type=float)
+    add(g, "--clip-block-rms", "clip each tensor's gradient RMS", type=float)
+    add(g, "--agc", "adaptive gradient clipping ratio (NFNets)", type=float)
+    add(g, "--noise-eta", "annealed gradient noise variance", type=float)
+    add(g, "--noise-gamma", "gradient noise annealing exponent", type=float)
+    add(
+        g,
+        "--stable",
+        "guard the chain with gx.stable(): skip guard and ZClip",
+        action="store_true",
+    )
+
+    g = p.add_argument_group("parallelism")
+    add(g, "--parallel", "data parallelism over all devices", choices=["none", "pmap", "sharded"])
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (several hosts; see below)",
+    )
+    g.add_argument("--coordinator-address", help="with --distributed: host:port of process 0")
+    g.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
+    g.add_argument("--process-id", type=int, help="with --distributed: this process's id")
+
+    g = p.add_argument_group("stability")
+    add(
+        g,
+        "--on-instability",
+        "on a non-finite loss/gradient or a norm above --max-grad-norm",
+        choices=["stop", "skip", "warn"],
+    )
+    add(g, "--max-grad-norm", "global gradient norm counted as an explosion", type=float)
+    add(
+        g,
+        "--check",
+        "run the step under chex.chexify value assertions (slow; debugging)",
+        action="store_true",
+    )
+
+    g = p.add_argument_group("run directory")
+    g.add_argument(
+        "--run-dir",
+        help="where to write the run (default: runs/<dataset>-<model>-<optimizer>-<time>)",
+    )
+    g.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its latest checkpoint with its config.json",
+    )
+    add(g, "--log-every", "steps per metrics.jsonl line", type=int)
+    add(g, "--eval-every", "steps between test evaluations (0: at the end only)", type=int)
+    add(g, "--checkpoint-every", "steps between checkpoints (0: none)", type=int)
+    add(g, "--keep-checkpoints", "newest checkpoints kept", type=int)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[Config, Path, bool, argparse.Namespace]:
+    """`(config, run directory, resume?, namespace)` from the command line."""
+    args = _parser().parse_args(argv)
+    cluster = [f"`--{k.replace('_', '-')}`" for k in _CLUSTER if hasattr(args, k)]
+    if cluster and not getattr(args, "distributed", False):
+        raise UsageError(f"{', '.join(cluster)} only apply with `--distributed`.")
+    given = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)
+    }
+    resume = getattr(args, "resume", None)
+    if resume is None:
+        cfg = Config(**given)
+        default_dir = (
+            f"runs/{cfg.dataset}-{cfg.model}-{cfg.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        return cfg, Path(getattr(args, "run_dir", default_dir)), False, args
+    cfg = Config.load(Path(resume) / "config.json")
+    conflicts = {k: (v, getattr(cfg, k)) for k, v in given.items() if getattr(cfg, k) != v}
+    if conflicts or hasattr(args, "run_dir"):
+        raise UsageError(
+            f"`--resume {resume}` continues with that run's config.json; these flags disagree "
+            f"with it (given, saved): {conflicts or {'run_dir': args.run_dir}}. Drop them, or "
+            "start a new run."
+        )
+    return cfg, Path(resume), True, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg, run_dir, resume, args = parse(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "distributed", False):
+        import jax
+
+        cluster = {k: getattr(args, k) for k in _CLUSTER if hasattr(args, k)}
+        jax.distributed.initialize(**cluster)  # unset ones: JAX's cluster detection decides
+
+    from . import checkpoint, data, health, loop  # imports jax: after argument errors are out
+
+    try:
+        summary = loop.train(
+            cfg, run_dir, resume=resume, progress=not getattr(args, "no_progress", False)
+        )
+    except health.InstabilityError as e:
+        print(f"\nstopped: {e}\n(see {run_dir}/metrics.jsonl and grad_norms.png)", file=sys.stderr)
+        return 1
+    except (UsageError, data.DataError, checkpoint.CheckpointError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = summary
+    acc = "n/a" if s["test_accuracy"] is None else f"{s['test_accuracy']:.4f}"
+    rate = "n/a" if s["steps_per_s"] is None else f"{s['steps_per_s']:.1f}"
+    print(
+        f"\ntest accuracy    {acc}\n"
+        f"steps/s          {rate} (startup {s['startup_s'] or 0:.1f} s, wall {s['wall_s']:.1f} s, "
+        f"{s['devices']} device(s), --parallel {s['parallel']})\n"
+        f"gradient health  {s['health']}\n"
+        f"run directory    {s['run_dir']}"
+    )
+    return 0
