@@ -305,19 +305,24 @@ def stable(
     norm_z: float | None = 6.0,
     max_norm_ratio: float | None = 100.0,
     max_norm: float | None = None,
+    max_update_ratio: float | None = 0.01,
     loss_z: float | None = None,
     z_thresh: float = 2.5,
     telemetry: bool = True,
 ) -> GradientTransformationExtraArgs:
     """The documented default guard for any optimizer (SGD and Adam families alike).
 
-    stable(opt) = health(skip_if(chain(zclip(z_thresh, max_norm=None), opt), ...))
+    stable(opt) = health(skip_if(chain(zclip(z_thresh, max_norm=None), opt,
+                                       adaptive_grad_clip(max_update_ratio)), ...))
 
     - `skip_if` refuses non-finite steps and extreme norm spikes (z > `norm_z` in log-norm,
       or `max_norm_ratio` times the largest recent norm), so NaN never reaches params or
       state and a x1000 spike leaves no trace, from the second step on;
     - `zclip` clips moderate spikes to the running statistics of the norm (no absolute cap:
       the history sets the scale, so it needs no tuning per model);
+    - `adaptive_grad_clip` after the optimizer bounds each unit's step to `max_update_ratio`
+      of its weights' norm (a trust ratio), which is what rescues a too-high learning rate:
+      the norm-based remedies cannot tell a large step from a large gradient;
     - `health` records telemetry for `read_health` / `assert_healthy` (`telemetry=False`
       leaves it out).
 
@@ -326,6 +331,7 @@ def stable(
       norm_z: `skip_if`'s bound on the z-score of log||g||, or `None`.
       max_norm_ratio: `skip_if`'s bound relative to the largest recent norm, or `None`.
       max_norm: `skip_if`'s absolute bound on ||g|| (also `health`'s), or `None`.
+      max_update_ratio: per-unit bound on ||update|| / ||weights||, or `None`.
       loss_z: `skip_if`'s bound on the loss z-score (pass `loss=` to `update`), or `None`.
       z_thresh: `zclip`'s z-score bound.
       telemetry: wrap in `health()`.
@@ -338,10 +344,13 @@ def stable(
       >>> u["w"], gx.read_health(state)["skip/skipped_nonfinite"]
       (Array([0., 0.], dtype=float32), 1.0)
     """
+    check_range("max_update_ratio", max_update_ratio, 0.0, low_open=True)
     from gradxform.adaptive_clipping import zclip
+    from gradxform.clipping import adaptive_grad_clip
     from gradxform.telemetry import health
 
-    clipped = chain(zclip(z_thresh=z_thresh, max_norm=None), optimizer)
+    trust = () if max_update_ratio is None else (adaptive_grad_clip(max_update_ratio),)
+    clipped = chain(zclip(z_thresh=z_thresh, max_norm=None), optimizer, *trust)
     guarded = skip_if(
         clipped, norm_z=norm_z, max_norm_ratio=max_norm_ratio, max_norm=max_norm, loss_z=loss_z
     )

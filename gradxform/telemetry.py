@@ -64,13 +64,13 @@ class HealthState(NamedTuple):
 def health(
     inner: GradientTransformationExtraArgs | None = None,
     *,
-    z_threshold: float = 4.0,
+    z_threshold: float = 6.0,
     max_norm: float | None = None,
     max_growth: float | None = 100.0,
     warmup_steps: int = 20,
-    decay: float = 0.95,
-    baseline_decay: float = 0.99,
-    vanishing_fraction: float = 1e-4,
+    decay: float = 0.99,
+    baseline_decay: float = 0.999,
+    vanishing_fraction: float = 1e-3,
     ratio_floor: float = 1e-9,
     patience: int = 20,
     axis_name: str | None = None,
@@ -99,10 +99,10 @@ def health(
       z_threshold: positive bound on the z-score of log ||g||.
       max_norm: optional absolute bound on ||g||.
       max_growth: bound (> 1) on ||g|| over its slow baseline, or `None`; a norm climbing
-        10% a step is flagged about 70 steps in, at ~600x its baseline, long before overflow.
+        10% a step is flagged ~50 steps in, at ~100x its baseline, long before overflow.
       warmup_steps: finite steps observed before z-scores count.
       decay: rate of the running moments of log ||g|| after warm-up, in [0, 1).
-      baseline_decay: rate of the slow baseline, in [0, 1) (0.99: ~100 steps of memory).
+      baseline_decay: rate of the slow baseline, in [0, 1) (0.999: ~1000 steps of memory).
       vanishing_fraction: relative RMS below which a leaf counts as vanishing.
       ratio_floor: update-to-parameter ratio below which a leaf counts as vanishing
         (leaves whose parameters are all zero are exempt).

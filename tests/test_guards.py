@@ -150,7 +150,7 @@ def test_stable_keeps_nan_and_spikes_out_of_params_and_state(optimizer):
         params, state = step(params, state, g)
         # The health record reports the NaN step (that is its job) and ZClip records an
         # unbounded threshold as inf; the optimizer's moments and the params never see a NaN.
-        zclip_state, optimizer_state = state.inner.inner
+        zclip_state, optimizer_state, _ = state.inner.inner
         kept = (params, zclip_state.moments, optimizer_state)
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(kept))
         assert float(jnp.max(jnp.abs(params["w"]))) < 10
