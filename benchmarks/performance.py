@@ -26,12 +26,9 @@ count) under `--out`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `example
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gradxform as gx
+from benchmarks import machine
 from benchmarks.fused_prototype import clip_adamw, global_norm_grouped
 
 # ----------------------------------------------------------------------------- parameter trees
@@ -445,27 +443,6 @@ def count_tree(tree: Any) -> int:
 # ----------------------------------------------------------------------------- report
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    device = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "device": f"{device.platform}: {device.device_kind}",
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        **{lib: md.version(lib) for lib in ("jax", "jaxlib", "optax", "numpy")},
-        "gradxform": gx.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
 def _mb(b: float) -> str:
     return f"{b / 2**20:.1f}"
 
@@ -648,7 +625,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = int(1e6 if args.quick else args.params)
     repeats = 5 if args.quick else args.repeats
 
-    meta = {**versions(), "params_target": n, "repeats": repeats}
+    meta = {**machine.describe(), "params_target": n, "repeats": repeats}
     print(", ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
     if "stable(adamw)" not in CHAINS:
         print("note: gx.stable/gx.health do not exist yet; the stability chain is skipped")

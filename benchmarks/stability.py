@@ -43,12 +43,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import itertools
 import json
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -61,7 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import gradxform as gx
+from benchmarks import machine
 from gradxform.plots import plot_health
 
 FAIL_LOSS = 2.0
@@ -620,42 +621,6 @@ def goals(table: list[dict], stable_row: str = "gx.stable()") -> dict[str, Any]:
 # ----------------------------------------------------------------------------- report
 
 
-def _git(*args: str) -> str | None:
-    """Read-only git query about the checkout the library was imported from, if any."""
-    import subprocess
-
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=Path(gx.__file__).parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def machine() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "python": platform.python_version(),
-        **{lib: md.version(lib) for lib in ("jax", "jaxlib", "optax", "numpy", "scikit-learn")},
-        "gradxform": gx.__version__,
-        "gradxform_commit": _git("rev-parse", "--short", "HEAD"),
-        "gradxform_uncommitted": _git("status", "--porcelain", "--", "gradxform"),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
 COLUMNS = [
     ("row", "row", "{}"),
     ("fail", "fail_fraction", "{:.1f}"),
@@ -805,7 +770,7 @@ def run_benchmark(opts: Options, out: Path | None = None, log=print) -> dict[str
     table.sort(key=lambda t: order[t["setting"]])
     result = {
         "benchmark": "stability",
-        "machine": machine(),
+        "machine": machine.describe(("jax", "jaxlib", "optax", "numpy", "scikit-learn")),
         "options": {
             "seeds": opts.seeds,
             "steps": opts.steps,
