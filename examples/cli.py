@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     add(
         g,
         "--stable",
-        "guard the chain with gx.stable(): skip guard and ZClip",
+        "guard the chain with gx.stable(): skip guard, ZClip, per-unit step bound",
         action="store_true",
     )
 
