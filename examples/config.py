@@ -55,7 +55,7 @@ class Config:
     agc: float | None = None
     noise_eta: float = 0.0
     noise_gamma: float = 0.55
-    stable: bool = False  # guard the chain with gx.stable(...): skip guard and ZClip
+    stable: bool = False  # guard the chain with gx.stable(...): skip guard, ZClip, step bound
     # parallelism
     parallel: str = "none"  # none | pmap | sharded
     # stability

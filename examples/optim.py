@@ -8,7 +8,7 @@ Weight decay skips biases and normalisation scales (`gx.weight_decay_mask`).
 The chain is always wrapped in `gx.health(...)`, so every step records its gradient telemetry
 (global and per-layer norms, non-finite count, explosion flag) in the optimizer state, whichever
 library built the chain: `--on-instability skip` puts `gx.skip_if(...)` between the two, and
-`--stable` puts `gx.stable(..., telemetry=False)` (skip guard and ZClip) there instead.
+`--stable` puts `gx.stable(..., telemetry=False)` (skip guard, ZClip, step bound) there instead.
 """
 
 from __future__ import annotations
