@@ -162,6 +162,12 @@ def check_same_structure(tree: PyTree, ref: PyTree, name: str, ref_name: str) ->
             )
 
 
+def find_states(tree: PyTree, types: type | tuple[type, ...]) -> list[Any]:
+    """The states of `types` anywhere in a nested optimizer state, outermost first."""
+    found = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, types))
+    return [x for x in found if isinstance(x, types)]
+
+
 def gradient_transformation(
     init: Callable[[Params], Any],
     update: Callable[..., tuple[Updates, Any]],
@@ -277,7 +283,7 @@ def moments_update(m: Moments, x: jax.Array, decay: float, warmup: int, accept=T
     w = jnp.where(m.n < warmup, 1.0 / n.astype(jnp.float32), 1.0 - decay)
     d = x - m.mean
     new = Moments(n, m.mean + w * d, m.var + w * ((1 - w) * d * d - m.var))
-    return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, m)
+    return optax.tree.where(accept, new, m)
 
 
 # Floor on the spread of log||g|| in z-scores (`health`, `skip_if`): z > 4 then means at least

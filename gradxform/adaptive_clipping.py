@@ -27,17 +27,11 @@ from gradxform._base import (
     moments_zscore,
     no_clip_record,
     safe_increment,
-    scale_leaf,
     step_counter,
     tree_map_unzip,
     zeros_like,
 )
-
-
-def _clip_to(updates, norm, threshold):
-    clipped = norm > threshold
-    factor = jnp.where(clipped, threshold / norm, 1.0)
-    return jax.tree.map(lambda g: scale_leaf(g, factor), updates), clipped
+from gradxform.clipping import clip_to_norm
 
 
 class AutoClipState(NamedTuple):
@@ -97,7 +91,7 @@ def autoclip(
         hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
         threshold = ordered[lo] + (ordered[hi] - ordered[lo]) * (position - lo)
         threshold = jnp.where(n > 0, threshold, jnp.inf)
-        updates, clipped = _clip_to(updates, norm, threshold)
+        updates, clipped = clip_to_norm(updates, norm, threshold)
         record = ClipRecord(norm, threshold, clipped)
         return updates, AutoClipState(safe_increment(state.count), written, norms, record)
 
@@ -176,7 +170,7 @@ def zclip(
         threshold = jnp.where(z > z_thresh, spike_threshold, jnp.inf)
         if max_norm is not None:
             threshold = jnp.minimum(threshold, max_norm)
-        updates, clipped = _clip_to(updates, norm, threshold)
+        updates, clipped = clip_to_norm(updates, norm, threshold)
         absorbed = jnp.minimum(norm, threshold)
         moments = moments_update(m, absorbed, alpha, warmup_steps, jnp.isfinite(norm))
         record = ClipRecord(norm, threshold, clipped)

@@ -38,6 +38,13 @@ def _threshold(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
     return jnp.asarray(resolve(value, count), jnp.float32)
 
 
+def clip_to_norm(updates: Any, norm: jax.Array, threshold: jax.Array) -> tuple[Any, jax.Array]:
+    """Scale `updates`, whose global norm is `norm`, down to `threshold` if above it."""
+    clipped = norm > threshold
+    factor = jnp.where(clipped, threshold / norm, 1.0)
+    return jax.tree.map(lambda g: scale_leaf(g, factor), updates), clipped
+
+
 def clip(max_delta: ScalarOrSchedule) -> GradientTransformationExtraArgs:
     """Clip every element of the updates to `[-max_delta, max_delta]` (Keras `clipvalue`).
 
@@ -111,9 +118,7 @@ def clip_by_global_norm(
         del params
         bound = _threshold(max_norm, state.count)
         norm = global_norm(updates, axis_name)
-        clipped = norm > bound
-        factor = jnp.where(clipped, bound / norm, 1.0)
-        updates = jax.tree.map(lambda g: scale_leaf(g, factor), updates)
+        updates, clipped = clip_to_norm(updates, norm, bound)
         return updates, ClipState(safe_increment(state.count), ClipRecord(norm, bound, clipped))
 
     return gradient_transformation(init, update)

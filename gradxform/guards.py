@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from gradxform._base import (
     LOG_NORM_MIN_STD,
@@ -20,15 +21,13 @@ from gradxform._base import (
     chain,
     check_positive,
     check_range,
+    find_states,
     global_norm,
     gradient_transformation,
     safe_increment,
+    scale_leaf,
     step_counter,
 )
-
-
-def _select(keep_old: jax.Array, old: Any, new: Any) -> Any:
-    return jax.tree.map(lambda o, n: jnp.where(keep_old, o, n), old, new)
 
 
 def _zero_where(skip: jax.Array, updates: Any) -> Any:
@@ -176,7 +175,7 @@ def skip_if(
             skipped_nonfinite=count_if(state.skipped_nonfinite, bad),
             skipped_norm=count_if(state.skipped_norm, spike & norm_spike),
             skipped_loss=count_if(state.skipped_loss, spike & loss_spike & ~norm_spike),
-            inner=_select(skip, state.inner, inner_state),
+            inner=optax.tree.where(skip, state.inner, inner_state),
         )
         return _zero_where(skip, updates), new_state
 
@@ -241,11 +240,7 @@ def dynamic_loss_scale(
         return DynamicLossScaleState(c(), scale, c(), jnp.zeros([], bool), c(), inner.init(params))
 
     def update(scaled_grads, state, params=None, **extra_args):
-        inverse = 1.0 / state.scale
-        grads = jax.tree.map(
-            lambda g: (g.astype(jnp.promote_types(g.dtype, jnp.float32)) * inverse).astype(g.dtype),
-            scaled_grads,
-        )
+        grads = jax.tree.map(lambda g: scale_leaf(g, 1.0 / state.scale), scaled_grads)
         finite = jnp.isfinite(global_norm(scaled_grads))
         updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
         grow = finite & (state.good_steps + 1 >= growth_interval)
@@ -259,8 +254,10 @@ def dynamic_loss_scale(
             scale=scale,
             good_steps=jnp.where(finite & ~grow, safe_increment(state.good_steps), 0),
             skipped=~finite,
-            skipped_total=jnp.where(finite, state.skipped_total, state.skipped_total + 1),
-            inner=_select(~finite, state.inner, inner_state),
+            skipped_total=jnp.where(
+                finite, state.skipped_total, safe_increment(state.skipped_total)
+            ),
+            inner=optax.tree.where(finite, inner_state, state.inner),
         )
         return _zero_where(~finite, updates), new_state
 
@@ -276,10 +273,8 @@ def loss_scale(opt_state: Any) -> jax.Array:
     Returns:
       The float32 scale; raises `ValueError` when there is none.
     """
-    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DynamicLossScaleState))
-    for record in found:
-        if isinstance(record, DynamicLossScaleState):
-            return record.scale
+    for record in find_states(opt_state, DynamicLossScaleState):
+        return record.scale
     raise ValueError("`opt_state` holds no `dynamic_loss_scale` state; wrap the optimizer in one.")
 
 

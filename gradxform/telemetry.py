@@ -27,6 +27,7 @@ from gradxform._base import (
     check_decay,
     check_positive,
     check_range,
+    find_states,
     gradient_transformation,
     moments_init,
     moments_update,
@@ -266,10 +267,9 @@ def _records(opt_state: Any) -> list[tuple[str, Any]]:
         SkipIfState: "skip",
         DynamicLossScaleState: "loss_scale",
     }
-    found = jax.tree.leaves(opt_state, is_leaf=lambda x: type(x) in kinds)
     seen: dict[str, int] = {}
     named = []
-    for record in (x for x in found if type(x) in kinds):
+    for record in find_states(opt_state, tuple(kinds)):
         kind = kinds[type(record)]
         seen[kind] = seen.get(kind, -1) + 1
         heavy = {f: None for f in ("inner", "mu", "nu") if f in record._fields}
@@ -488,8 +488,7 @@ def check_healthy(opt_state: Any) -> None:
       >>> print(err.get())  # doctest: +ELLIPSIS
       Non-finite gradient at step 1: 1 NaN/inf values (global norm inf)...
     """
-    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, HealthState))
-    for record in (x for x in found if isinstance(x, HealthState)):
+    for record in find_states(opt_state, HealthState):
         kw = {"step": record.count, "norm": record.global_norm}
         checkify.check(
             record.nonfinite == 0,
