@@ -192,3 +192,21 @@ def test_params_and_state_can_be_donated(case):
     for t in range(3):
         p, state = donated(p, state, gradients_at(params, t))
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
+
+
+def _compiled_size(tx, leaves: int) -> int:
+    """Instructions in the optimized HLO of one jitted update on `leaves` small leaves."""
+    shape = lambda i: jax.ShapeDtypeStruct((4, 3) if i % 2 else (5,), jnp.float32)
+    params = {f"layer{i:03d}": shape(i) for i in range(leaves)}
+    state = jax.eval_shape(tx.init, params)
+    text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+    return sum(" = " in line for line in text.splitlines())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_compiled_program_grows_linearly_with_the_leaf_count(case):
+    # XLA copies a cheap scalar chain (e.g. a max over all leaves) into every consumer; one
+    # per leaf makes the program O(leaves**2): minutes of compilation at 1000 leaves.
+    tx, _ = make(case)
+    small, large = _compiled_size(tx, 8), _compiled_size(tx, 32)
+    assert large < 4.5 * small, (small, large)
