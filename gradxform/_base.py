@@ -199,13 +199,34 @@ def gradient_transformation(
 # ----------------------------------------------------------------------------- tree maths
 
 
+def _once_per_shape(fn: Callable, leaves: Sequence[Any]) -> Callable:
+    """`fn`, traced once per distinct leaf shape and dtype when `leaves` are being traced.
+
+    Under `jit` (or `vmap`, ...) every `jnp` call costs Python time per leaf; through `jax.jit`
+    a per-leaf rule is traced once per shape and then reused (XLA inlines the calls, so the
+    compiled program and its results are unchanged). Eagerly `fn` runs as it is: `jit` of a
+    fresh closure would compile on every step.
+    """
+    return jax.jit(fn) if any(isinstance(x, jax.core.Tracer) for x in leaves) else fn
+
+
+def map_leaves(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """`jax.tree.map(fn, tree, *rest)`, tracing `fn` once per distinct leaf shape and dtype."""
+    leaves, treedef = jax.tree.flatten(tree)
+    rest_leaves = [treedef.flatten_up_to(r) for r in rest]
+    fn = _once_per_shape(fn, leaves)
+    return treedef.unflatten([fn(*xs) for xs in zip(leaves, *rest_leaves, strict=True)])
+
+
 def tree_map_unzip(fn: Callable[..., tuple], tree: PyTree, *rest: PyTree, n: int) -> tuple:
     """Map `fn` (returning an `n`-tuple) over the leaves of trees shaped like `tree`; unzip.
 
-    This is how a one-array update rule is lifted to pytrees once: `fn(g, m, v) -> (u, m, v)`.
+    This is how a one-array update rule is lifted to pytrees once: `fn(g, m, v) -> (u, m, v)`,
+    traced once per distinct leaf shape and dtype (see `map_leaves`).
     """
     leaves, treedef = jax.tree.flatten(tree)
     rest_leaves = [treedef.flatten_up_to(r) for r in rest]
+    fn = _once_per_shape(fn, leaves)
     outs = [fn(*xs) for xs in zip(leaves, *rest_leaves, strict=True)]
     columns = list(zip(*outs, strict=True)) if outs else [()] * n
     return tuple(treedef.unflatten(col) for col in columns)
@@ -222,10 +243,46 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
     return jnp.sum(x * x)
 
 
+# Leaves of at most SMALL_LEAF elements are squared-and-summed together, in concatenations of
+# at most SMALL_GROUP elements (a 4 MiB float32 operand, fused into its reduction).
+SMALL_LEAF = 1 << 14
+SMALL_GROUP = 1 << 20
+
+
+def _squared_sums(leaves: Sequence[jax.Array]) -> list[jax.Array]:
+    """Float32 (at least) `sum(x**2)` of the leaves: large leaves one by one, small ones grouped.
+
+    A network's biases and normalisation scales are most of its leaves and few of its values;
+    one reduction per group of them instead of one (or two) per leaf is fewer kernels to
+    compile and to launch. Large leaves keep their own reduction: concatenating them would
+    cost a copy.
+    """
+    sums, group, size = [], [], 0
+
+    def close_group():
+        if group:
+            sums.append(sum_of_squares(group[0] if len(group) == 1 else jnp.concatenate(group)))
+        group.clear()
+
+    for x in leaves:
+        if x.size > SMALL_LEAF:
+            sums.append(sum_of_squares(x))
+            continue
+        x = x.reshape(-1).astype(jnp.promote_types(x.dtype, jnp.float32))
+        if group and (size + x.size > SMALL_GROUP or group[0].dtype != x.dtype):
+            close_group()
+            size = 0
+        group.append(x)
+        size += x.size
+    close_group()
+    return sums
+
+
 def global_norm(tree: PyTree, axis_name: str | None = None) -> jax.Array:
     """The L2 norm of all leaves together, in float32 (at least).
 
-    With `axis_name`, the squared sums are `psum`-ed over that mapped axis first, so when
+    Small leaves (biases, normalisation scales) are reduced together, a few kernels for all of
+    them. With `axis_name`, the squared sums are `psum`-ed over that mapped axis first, so when
     parameters are sharded across it the result is the norm of the whole, unsharded tree.
 
     Args:
@@ -237,7 +294,7 @@ def global_norm(tree: PyTree, axis_name: str | None = None) -> jax.Array:
       >>> gx.global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0], jnp.float16)})
       Array(5., dtype=float32)
     """
-    total = sum((sum_of_squares(x) for x in jax.tree.leaves(tree)), jnp.zeros([], jnp.float32))
+    total = sum(_squared_sums(jax.tree.leaves(tree)), jnp.zeros([], jnp.float32))
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
     return jnp.sqrt(total)
