@@ -199,7 +199,7 @@ def gradient_transformation(
 # ----------------------------------------------------------------------------- tree maths
 
 
-def _once_per_shape(fn: Callable, leaves: Sequence[Any]) -> Callable:
+def once_per_shape(fn: Callable, leaves: Sequence[Any]) -> Callable:
     """`fn`, traced once per distinct leaf shape and dtype when `leaves` are being traced.
 
     Under `jit` (or `vmap`, ...) every `jnp` call costs Python time per leaf; through `jax.jit`
@@ -214,7 +214,7 @@ def map_leaves(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """`jax.tree.map(fn, tree, *rest)`, tracing `fn` once per distinct leaf shape and dtype."""
     leaves, treedef = jax.tree.flatten(tree)
     rest_leaves = [treedef.flatten_up_to(r) for r in rest]
-    fn = _once_per_shape(fn, leaves)
+    fn = once_per_shape(fn, leaves)
     return treedef.unflatten([fn(*xs) for xs in zip(leaves, *rest_leaves, strict=True)])
 
 
@@ -226,7 +226,7 @@ def tree_map_unzip(fn: Callable[..., tuple], tree: PyTree, *rest: PyTree, n: int
     """
     leaves, treedef = jax.tree.flatten(tree)
     rest_leaves = [treedef.flatten_up_to(r) for r in rest]
-    fn = _once_per_shape(fn, leaves)
+    fn = once_per_shape(fn, leaves)
     outs = [fn(*xs) for xs in zip(leaves, *rest_leaves, strict=True)]
     columns = list(zip(*outs, strict=True)) if outs else [()] * n
     return tuple(treedef.unflatten(col) for col in columns)

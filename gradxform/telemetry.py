@@ -32,6 +32,7 @@ from gradxform._base import (
     moments_init,
     moments_update,
     moments_zscore,
+    once_per_shape,
     path_name,
     safe_increment,
     step_counter,
@@ -158,11 +159,12 @@ def health(
             updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
 
         leaves, treedef = jax.tree.flatten(grads)
+        leaf_sums = once_per_shape(_leaf_sums, leaves)
         if params is None:
-            sums = [_leaf_sums(g) for g in leaves]
+            sums = [leaf_sums(g) for g in leaves]
         else:
             pairs = zip(treedef.flatten_up_to(params), treedef.flatten_up_to(updates), strict=True)
-            sums = [_leaf_sums(g, p, u) for g, (p, u) in zip(leaves, pairs, strict=True)]
+            sums = [leaf_sums(g, p, u) for g, (p, u) in zip(leaves, pairs, strict=True)]
         sq = [s[0] for s in sums]
         sizes = [max(g.size, 1) for g in leaves]
         nonfinite = sum((s[1] for s in sums), jnp.zeros([], jnp.int32))
@@ -246,6 +248,8 @@ def _leaf_sums(g: jax.Array, p: jax.Array | None = None, u: jax.Array | None = N
         return jax.lax.reduce(operands, init, lambda a, b: tuple(map(jnp.add, a, b)), axes)
 
     flat = [None if x is None else x.reshape(-1) for x in (g, p, u)]
+    if flat[0].size <= _BLOCK:  # one block: a single reduction
+        return reduce(terms(*flat), (0,))
     main = (flat[0].size // _BLOCK) * _BLOCK
     tail = reduce(terms(*[None if x is None else x[main:] for x in flat]), (0,))
     if main == 0:
