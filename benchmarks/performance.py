@@ -46,7 +46,6 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `example
 
 import gradxform as gx
 from benchmarks import machine
-from benchmarks.fused_prototype import clip_adamw, global_norm_grouped
 
 # ----------------------------------------------------------------------------- parameter trees
 #
@@ -200,14 +199,7 @@ if hasattr(gx, "stable") and hasattr(gx, "health"):
     )
 
 # Cases skipped unless --include-slow, and why.
-SLOW = {
-    ("1000 leaves", "stable(adamw)"): "gx.stable had not compiled after 7.5 min (2-core CPU)",
-}
-
-# The prototype fast path (benchmarks/fused_prototype.py), a third contender where it applies.
-FUSED: dict[str, Callable[[], optax.GradientTransformation]] = {
-    "clip+adamw": lambda: clip_adamw(MAX_NORM, LR, weight_decay=WD, norm=global_norm_grouped),
-}
+SLOW: dict[tuple[str, str], str] = {}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -292,7 +284,7 @@ def run_rounds(contenders: dict[str, Any], repeats: int, warmup: int = 2) -> Non
 
 
 def measure_case(
-    tree_name: str, chain_name: str, n: int, repeats: int, *, fused: bool, flip: bool
+    tree_name: str, chain_name: str, n: int, repeats: int, *, flip: bool
 ) -> dict:
     chain = CHAINS[chain_name]
     shapes = TREES[tree_name](n)
@@ -301,8 +293,6 @@ def measure_case(
     contenders: dict[str, Any] = {}
     # Compile in alternating order so neither library always benefits from warm JAX caches.
     libs = [("gradxform", chain.gx), ("optax", chain.optax)]
-    if fused and chain_name in FUSED:
-        libs.append(("gx-fused", FUSED[chain_name]))
     if flip:
         libs = libs[::-1]
     for lib, factory in libs:
@@ -478,27 +468,21 @@ def _row(values: list) -> str:
 
 
 def table(cases: list[dict]) -> str:
-    """One row per case; the prototype's step and compile columns under its gradxform row."""
+    """One row per case."""
     head = _row([h for h, _, _ in COLUMNS])
     lines = [head, "-" * len(head)]
     for c in cases:
         g, o = c["gradxform"], c["optax"]
         lines.append(_row([f(c, g, o) for _, _, f in COLUMNS]))
-        if "gx-fused" in c:  # the prototype's own columns, under the gradxform row
-            row = [value(c, c["gx-fused"], o) for _, _, value in COLUMNS]
-            keep = {"| gx ms", "ratio", "gx %fl", "| gx cmp s", "| gx tmp MB"}
-            row = [v if h in keep else "" for v, (h, _, _) in zip(row, COLUMNS, strict=True)]
-            lines.append(_row(["  + gx-fused prototype", *row[1:]]))
     return "\n".join(lines)
 
 
 def markdown(result: dict) -> str:
     """The results as a Markdown table (for docs/benchmarks-performance.md)."""
-    libs = ("gradxform", "gx-fused", "optax")
+    libs = ("gradxform", "optax")
     lines = [
-        "| tree | leaves | chain | step ms: gx / fused / optax | gx / optax | floor ms |"
-        " % of floor: gx / fused / optax | compile s: gx / fused / optax |"
-        " temp MiB: gx / optax |",
+        "| tree | leaves | chain | step ms: gx / optax | gx / optax | floor ms |"
+        " % of floor: gx / optax | trace+compile s: gx / optax | temp MiB: gx / optax |",
         "|---|--:|---|--:|--:|--:|--:|--:|--:|",
     ]
 
@@ -528,7 +512,7 @@ def plot(cases: list[dict], path: Path) -> None:
     for ax, chain in zip(axes[0], chains, strict=True):
         rows = sorted((c for c in cases if c["chain"] == chain), key=lambda c: c["leaves"])
         x = [c["leaves"] for c in rows]
-        for lib, style in (("gradxform", "o-"), ("optax", "s--"), ("gx-fused", "^:")):
+        for lib, style in (("gradxform", "o-"), ("optax", "s--")):
             if all(lib in c for c in rows):
                 ax.plot(x, [c[lib]["step_ms"] for c in rows], style, label=lib)
         ax.plot(x, [c["floor_ms"] for c in rows], "k-", lw=0.8, label="bandwidth floor")
@@ -612,7 +596,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--trees", nargs="*", default=list(TREES), choices=list(TREES))
     parser.add_argument("--chains", nargs="*", default=list(CHAINS), choices=list(CHAINS))
-    parser.add_argument("--no-fused", action="store_true", help="skip the gx-fused prototype")
     parser.add_argument("--no-telemetry", action="store_true", help="skip the CNN step")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
@@ -638,7 +621,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"skipped {chain_name} on {tree_name}: {SLOW[tree_name, chain_name]}")
                 continue
             case = measure_case(
-                tree_name, chain_name, n, repeats, fused=not args.no_fused, flip=bool(i % 2)
+                tree_name, chain_name, n, repeats, flip=bool(i % 2)
             )
             cases.append(case)
             print(table([case]).splitlines()[2], flush=True)
@@ -652,8 +635,6 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         telemetry = telemetry_overhead(max(repeats, 10))
     all_goals = {"gradxform": goals(cases, dtypes, telemetry)}
-    if any("gx-fused" in c for c in cases):
-        all_goals["gx-fused (prototype)"] = goals(cases, dtypes, telemetry, lib="gx-fused")
     result = {
         "meta": meta,
         "cases": cases,
