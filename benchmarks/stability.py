@@ -305,13 +305,8 @@ def step_telemetry(recs: tuple, params: dict) -> dict[str, jax.Array]:
     and the smallest update ratio among non-zero leaves)."""
     health = next(r for r in recs if isinstance(r, gx.HealthState))
     p_leaves = jax.tree.leaves(params)
-    rms = jnp.stack(
-        [
-            n / math.sqrt(max(p.size, 1))
-            for n, p in zip(jax.tree.leaves(health.leaf_norms), p_leaves, strict=True)
-        ]
-    )
-    ratios = jnp.stack(jax.tree.leaves(health.update_ratios))
+    rms = health.leaf_norms / jnp.sqrt(jnp.array([max(p.size, 1) for p in p_leaves], jnp.float32))
+    ratios = health.update_ratios
     nonzero = jnp.stack([gx.global_norm(p) > 0 for p in p_leaves])
     out = {
         "exploding": health.exploding,
@@ -320,7 +315,7 @@ def step_telemetry(recs: tuple, params: dict) -> dict[str, jax.Array]:
         "growth": health.growth,
         "min_rms_fraction": jnp.min(rms) / jnp.max(rms),
         "min_ratio": jnp.min(jnp.where(nonzero, ratios, jnp.inf)),
-        "ratio": health.update_ratios["layer_00"]["w"],  # the first layer's kernel
+        "ratio": health.per_leaf("update_ratios")["layer_00"]["w"],  # the first layer's kernel
         "skipped": jnp.zeros([], bool),
         "clipped": jnp.zeros([], bool),
     }

@@ -20,6 +20,7 @@ from jax.experimental import checkify
 
 from gradxform._base import (
     LOG_NORM_MIN_STD,
+    SMALL_GROUP,
     ClipRecord,
     EmptyState,
     GradientTransformationExtraArgs,
@@ -43,17 +44,22 @@ from gradxform.guards import DynamicLossScaleState, SkipIfState
 
 
 class HealthState(NamedTuple):
+    """Per-leaf statistics are vectors, one entry per params leaf in `jax.tree.leaves` order
+    (one buffer each: XLA:CPU would spend a kernel per leaf and field on per-leaf scalars);
+    `per_leaf(field)` gives one as a tree shaped like the params."""
+
     count: jax.Array  # int32 steps seen (saturating)
     global_norm: jax.Array  # float32 ||g|| of the incoming gradient this step
-    leaf_norms: Any  # per leaf: float32 ||g_l||
-    update_ratios: Any  # per leaf: float32 ||u_l|| / ||p_l|| (u: the inner's output, else g)
+    leaves: Any  # per params leaf, an empty float32[0]: names the entries of the vectors
+    leaf_norms: jax.Array  # float32[leaves]: ||g_l||
+    update_ratios: jax.Array  # float32[leaves]: ||u_l|| / ||p_l|| (u: the inner's output, else g)
     nonfinite: jax.Array  # int32 number of non-finite gradient values this step
     zero_fraction: jax.Array  # float32 fraction of gradient values exactly 0
     log_norm: Moments  # running mean/variance of log ||g|| over finite steps
     z_score: jax.Array  # float32 z-score of log ||g|| against the running moments
     baseline: Moments  # slow running moments of log ||g|| (the trend a climb departs from)
     growth: jax.Array  # float32 ||g|| / exp(baseline mean): how far the norm has climbed
-    vanishing_leaves: Any  # per leaf: bool, below the vanishing bounds this step
+    vanishing_leaves: jax.Array  # bool[leaves]: below the vanishing bounds this step
     vanishing_streak: jax.Array  # int32 consecutive steps with some vanishing leaf
     exploding: jax.Array  # bool: z-score or absolute bound exceeded, or non-finite
     vanishing: jax.Array  # bool: some leaf vanishing for `patience` consecutive steps
@@ -61,6 +67,11 @@ class HealthState(NamedTuple):
     norm_bound: jax.Array  # float32 `max_norm`, inf when unset (constant)
     growth_bound: jax.Array  # float32 `max_growth`, inf when unset (constant)
     inner: Any  # the wrapped transform's state (EmptyState when used stand-alone)
+
+    def per_leaf(self, field: str) -> Any:
+        """`leaf_norms`, `update_ratios` or `vanishing_leaves` as a tree shaped like the params."""
+        values, treedef = getattr(self, field), jax.tree.structure(self.leaves)
+        return treedef.unflatten([values[..., i] for i in range(treedef.num_leaves)])
 
 
 def health(
@@ -81,7 +92,8 @@ def health(
 
     Per step, in float32 and in one pass over each leaf: the global norm ||g||, each leaf's
     norm, the update-to-parameter ratio ||u_l|| / ||p_l|| per leaf, the count of non-finite
-    values and the fraction of exact zeros. Flags:
+    values and the fraction of exact zeros (small leaves are reduced together; per-leaf values
+    are vectors in `jax.tree.leaves` order, `state.per_leaf("leaf_norms")` is the tree). Flags:
 
       exploding  = non-finite  or  z > z_threshold  or  growth > max_growth
                    or  ||g|| > max_norm,
@@ -130,19 +142,20 @@ def health(
     check_range("warmup_steps", warmup_steps, 0)
 
     def init(params):
-        zero = lambda _: jnp.zeros([], jnp.float32)
+        n = len(jax.tree.leaves(params))
         return HealthState(
             count=step_counter(),
             global_norm=jnp.zeros([], jnp.float32),
-            leaf_norms=jax.tree.map(zero, params),
-            update_ratios=jax.tree.map(zero, params),
+            leaves=jax.tree.map(lambda _: jnp.zeros([0], jnp.float32), params),
+            leaf_norms=jnp.zeros([n], jnp.float32),
+            update_ratios=jnp.zeros([n], jnp.float32),
             nonfinite=step_counter(),
             zero_fraction=jnp.zeros([], jnp.float32),
             log_norm=moments_init(),
             z_score=jnp.zeros([], jnp.float32),
             baseline=moments_init(),
             growth=jnp.ones([], jnp.float32),
-            vanishing_leaves=jax.tree.map(lambda _: jnp.zeros([], bool), params),
+            vanishing_leaves=jnp.zeros([n], bool),
             vanishing_streak=step_counter(),
             exploding=jnp.zeros([], bool),
             vanishing=jnp.zeros([], bool),
@@ -159,40 +172,24 @@ def health(
             updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
 
         leaves, treedef = jax.tree.flatten(grads)
-        leaf_sums = once_per_shape(_leaf_sums, leaves)
-        if params is None:
-            sums = [leaf_sums(g) for g in leaves]
-        else:
-            pairs = zip(treedef.flatten_up_to(params), treedef.flatten_up_to(updates), strict=True)
-            sums = [leaf_sums(g, p, u) for g, (p, u) in zip(leaves, pairs, strict=True)]
-        sq = [s[0] for s in sums]
-        sizes = [max(g.size, 1) for g in leaves]
-        nonfinite = sum((s[1] for s in sums), jnp.zeros([], jnp.int32))
-        zeros = sum((s[2] for s in sums), jnp.zeros([], jnp.int32))
-        total = sum(sq, jnp.zeros([], jnp.float32))
+        with_params = params is not None
+        others = [treedef.flatten_up_to(t) for t in (params, updates)] if with_params else []
+        sq, bad, zero, p_sq, u_sq = _per_leaf_sums(leaves, *others)
+        sizes = np.array([max(g.size, 1) for g in leaves], np.float32)
+        nonfinite, zeros = jnp.sum(bad), jnp.sum(zero)
+        total = jnp.sum(sq)
         if axis_name is not None:
             total = jax.lax.psum(total, axis_name)
         norm = jnp.sqrt(total)
-        leaf_norms = [jnp.sqrt(s) for s in sq]
-        zero = jnp.zeros([], jnp.float32)
-        p_norms = [jnp.sqrt(s[3]) if len(s) > 3 else zero for s in sums]
-        ratios = [jnp.sqrt(s[4]) / jnp.maximum(p, 1e-30) if len(s) > 3 else zero
-                  for s, p in zip(sums, p_norms, strict=True)]  # fmt: skip
-
-        rms = [jnp.sqrt(s / n) for s, n in zip(sq, sizes, strict=True)]
-        # `top_k`, not `max`: XLA rewrites a max of stacked scalars as a chain of maxima and
-        # copies that chain into every leaf's flag (O(leaves**2) instructions, minutes of
-        # compilation at 1000 leaves); a top_k is computed once.
-        top_rms = jax.lax.top_k(jnp.stack(rms), 1)[0][0] if rms else jnp.zeros([], jnp.float32)
-        low = [
-            (r < vanishing_fraction * top_rms) | ((ratio < ratio_floor) & (p > 0))
-            for r, ratio, p in zip(rms, ratios, p_norms, strict=True)
-        ]
-        any_low = jnp.any(jnp.stack(low)) if low else jnp.zeros([], bool)
-        streak = jnp.where(any_low, safe_increment(state.vanishing_streak), 0)
-        if len(sums[0] if sums else ()) > 3:  # an all-zero update (a skipped step) is no evidence
-            moved = sum((s[4] for s in sums), jnp.zeros([], jnp.float32)) > 0
-            streak = jnp.where(moved, streak, state.vanishing_streak)
+        leaf_norms, p_norms = jnp.sqrt(sq), jnp.sqrt(p_sq)
+        ratios = jnp.sqrt(u_sq) / jnp.maximum(p_norms, 1e-30)
+        rms = jnp.sqrt(sq / sizes)
+        low = (rms < vanishing_fraction * jnp.max(rms, initial=0.0)) | (
+            (ratios < ratio_floor) & (p_norms > 0)
+        )
+        streak = jnp.where(jnp.any(low), safe_increment(state.vanishing_streak), 0)
+        if with_params:  # an all-zero update (a skipped step) is no evidence
+            streak = jnp.where(jnp.sum(u_sq) > 0, streak, state.vanishing_streak)
 
         finite = jnp.isfinite(norm) & (nonfinite == 0)
         log_norm = jnp.log(jnp.maximum(norm, 1e-30))
@@ -205,15 +202,16 @@ def health(
         new_state = HealthState(
             count=safe_increment(state.count),
             global_norm=norm,
-            leaf_norms=treedef.unflatten(leaf_norms),
-            update_ratios=treedef.unflatten(ratios),
+            leaves=state.leaves,
+            leaf_norms=leaf_norms,
+            update_ratios=ratios,
             nonfinite=nonfinite,
-            zero_fraction=zeros.astype(jnp.float32) / max(sum(sizes), 1),
+            zero_fraction=zeros.astype(jnp.float32) / max(sum(g.size for g in leaves), 1),
             log_norm=moments_update(state.log_norm, log_norm, decay, warmup_steps, finite),
             z_score=z,
             baseline=moments_update(state.baseline, log_norm, baseline_decay, warmup_steps, finite),
             growth=growth,
-            vanishing_leaves=treedef.unflatten(low),
+            vanishing_leaves=low,
             vanishing_streak=streak,
             exploding=exploding,
             vanishing=streak >= patience,
@@ -230,33 +228,68 @@ def health(
 _BLOCK = 4096  # rows of a blocked reduction: one pass, float32 error ~1e-6 at 25M elements
 
 
-def _leaf_sums(g: jax.Array, p: jax.Array | None = None, u: jax.Array | None = None) -> tuple:
-    """One pass over a leaf: (sum g**2, #non-finite g, #zero g[, sum p**2, sum u**2]).
-
-    A variadic `lax.reduce` computes all the sums in one kernel (separate `jnp.sum`s cost one
-    pass each). It is blocked (rows of `_BLOCK`, then the row sums) because a single long
-    float32 accumulation drifts by percents over tens of millions of elements.
-    """
+def _terms(g: jax.Array, p: jax.Array | None, u: jax.Array | None) -> tuple:
     wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    out = [wide(g) ** 2, (~jnp.isfinite(g)).astype(jnp.int32), (g == 0).astype(jnp.int32)]
+    return tuple(out if p is None else [*out, wide(p) ** 2, wide(u) ** 2])
 
-    def terms(g, p, u):
-        out = [wide(g) ** 2, (~jnp.isfinite(g)).astype(jnp.int32), (g == 0).astype(jnp.int32)]
-        return tuple(out if p is None else [*out, wide(p) ** 2, wide(u) ** 2])
 
-    def reduce(operands, axes):
-        init = tuple(jnp.zeros([], x.dtype) for x in operands)
-        return jax.lax.reduce(operands, init, lambda a, b: tuple(map(jnp.add, a, b)), axes)
+def _reduce(operands: tuple, axes: tuple[int, ...]) -> tuple:
+    """Sums of several same-shaped arrays in one kernel (one `jnp.sum` each costs a pass each)."""
+    init = tuple(jnp.zeros([], x.dtype) for x in operands)
+    return jax.lax.reduce(operands, init, lambda a, b: tuple(map(jnp.add, a, b)), axes)
 
+
+def _leaf_sums(g: jax.Array, p: jax.Array | None = None, u: jax.Array | None = None) -> tuple:
+    """One pass over a large leaf: (sum g**2, #non-finite g, #zero g[, sum p**2, sum u**2]).
+
+    Blocked (rows of `_BLOCK`, then the row sums) because a single long float32 accumulation
+    drifts by percents over tens of millions of elements.
+    """
     flat = [None if x is None else x.reshape(-1) for x in (g, p, u)]
-    if flat[0].size <= _BLOCK:  # one block: a single reduction
-        return reduce(terms(*flat), (0,))
     main = (flat[0].size // _BLOCK) * _BLOCK
-    tail = reduce(terms(*[None if x is None else x[main:] for x in flat]), (0,))
-    if main == 0:
-        return tail
+    tail = _reduce(_terms(*[None if x is None else x[main:] for x in flat]), (0,))
     blocks = [None if x is None else x[:main].reshape(-1, _BLOCK) for x in flat]
-    rows = reduce(terms(*blocks), (1,))
-    return tuple(map(jnp.add, reduce(rows, (0,)), tail))
+    rows = _reduce(_terms(*blocks), (1,))
+    return tuple(map(jnp.add, _reduce(rows, (0,)), tail))
+
+
+def _group_sums(g: list, p: list | None, u: list | None) -> tuple:
+    """`_leaf_sums` of small leaves at once: zero-padded to one width, stacked, one reduction."""
+    width = max(x.size for x in g)
+    stack = lambda xs: jnp.stack([jnp.pad(x.reshape(-1), (0, width - x.size)) for x in xs])
+    stacked = (None if xs is None else stack(xs) for xs in (g, p, u))
+    sq, bad, zero, *rest = _reduce(_terms(*stacked), (1,))
+    padding = np.array([width - x.size for x in g], np.int32)
+    return (sq, bad, zero - padding, *rest)
+
+
+def _per_leaf_sums(g: list, p: list | None = None, u: list | None = None) -> list[jax.Array]:
+    """[sum g**2, #non-finite g, #zero g, sum p**2, sum u**2] per leaf, as five vectors.
+
+    Leaves above `_BLOCK` elements get one blocked pass each; the small ones (biases, scales:
+    most of a network's leaves) are reduced together, groups of at most `SMALL_GROUP` padded
+    elements, so they cost a few kernels instead of a few per leaf.
+    """
+    n = len(g)
+    if n == 0:
+        return [jnp.zeros([0], dtype) for dtype in (jnp.float32, jnp.int32, jnp.int32)] + [
+            jnp.zeros([0], jnp.float32)
+        ] * 2
+    at = lambda idx: [None if xs is None else [xs[i] for i in idx] for xs in (g, p, u)]
+    large = [i for i in range(n) if g[i].size > _BLOCK]
+    groups: list[list[int]] = []
+    for i in sorted(set(range(n)) - set(large), key=lambda i: g[i].size):
+        if not groups or (len(groups[-1]) + 1) * g[i].size > SMALL_GROUP:
+            groups.append([])
+        groups[-1].append(i)
+    pieces = [_group_sums(*at(idx)) for idx in groups]
+    leaf_sums = once_per_shape(_leaf_sums, at(large)[0])
+    for i in large:
+        pieces.append([jnp.reshape(s, 1) for s in leaf_sums(*(x and x[0] for x in at([i])))])
+    order = np.argsort([i for idx in groups for i in idx] + large)  # back to the leaves' order
+    stats = [jnp.concatenate(column)[order] for column in zip(*pieces, strict=True)]
+    return stats if p is not None else [*stats, jnp.zeros([n], jnp.float32), jnp.zeros([n])]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -349,8 +382,8 @@ def read_health(opt_state: Any) -> dict[str, float]:
                 out[f"{name}/{field}"] = _scalar(getattr(record, field))
             for field in ("exploding", "vanishing", "vanishing_streak"):
                 out[f"{name}/{field}"] = _scalar(getattr(record, field))
-            _flat(f"{name}/grad_norm", record.leaf_norms, out)
-            _flat(f"{name}/update_ratio", record.update_ratios, out)
+            _flat(f"{name}/grad_norm", record.per_leaf("leaf_norms"), out)
+            _flat(f"{name}/update_ratio", record.per_leaf("update_ratios"), out)
         else:
             for field, value in record._asdict().items():
                 if field in _UNLOGGED:
@@ -428,7 +461,9 @@ def assert_healthy(
         step = int(_scalar(record.count))
         norm = _scalar(record.global_norm)
         if check_nonfinite and _scalar(record.nonfinite) > 0:
-            bad = [n for n, v in _top(record.leaf_norms, k=10**9) if not math.isfinite(v)]
+            bad = [
+                n for n, v in _top(record.per_leaf("leaf_norms"), k=10**9) if not math.isfinite(v)
+            ]
             raise NonFiniteGradientError(
                 f"Non-finite gradient at step {step}: {int(_scalar(record.nonfinite))} NaN/inf "
                 f"values, in {', '.join(bad) or 'the global norm'} ({name}). Remedies: lower the "
@@ -440,7 +475,9 @@ def assert_healthy(
         z, z_bound = _scalar(record.z_score), _scalar(record.z_bound)
         norm_bound = min(_scalar(record.norm_bound), math.inf if max_norm is None else max_norm)
         if check_exploding and (bool(_scalar(record.exploding)) or norm > norm_bound):
-            culprits = ", ".join(f"{n} (norm {v:.3g})" for n, v in _top(record.leaf_norms))
+            culprits = ", ".join(
+                f"{n} (norm {v:.3g})" for n, v in _top(record.per_leaf("leaf_norms"))
+            )
             growth, growth_bound = _scalar(record.growth), _scalar(record.growth_bound)
             if norm > norm_bound:
                 bound = f"> bound {norm_bound:g}"
@@ -457,11 +494,13 @@ def assert_healthy(
         if check_vanishing and bool(_scalar(record.vanishing)):
             low = [
                 _leaf_name(p)
-                for p, flag in jax.tree_util.tree_leaves_with_path(record.vanishing_leaves)
+                for p, flag in jax.tree_util.tree_leaves_with_path(
+                    record.per_leaf("vanishing_leaves")
+                )
                 if bool(_scalar(flag))
             ]
             smallest = ", ".join(
-                f"{n} (norm {v:.3g})" for n, v in _top(record.leaf_norms, reverse=False)
+                f"{n} (norm {v:.3g})" for n, v in _top(record.per_leaf("leaf_norms"), reverse=False)
             )
             raise VanishingGradientError(
                 f"Vanishing gradients at step {step}: {len(low)} leaves ({', '.join(low[:5])}"

@@ -38,9 +38,9 @@ def test_statistics_are_exact():
     tx = gx.health(gx.scale(-0.5))
     _, s = tx.update(g, tx.init(params), params)
     np.testing.assert_allclose(s.global_norm, 13.0, rtol=1e-6)
-    np.testing.assert_allclose(s.leaf_norms["a"], 5.0, rtol=1e-6)
-    np.testing.assert_allclose(s.update_ratios["a"], 2.5 / np.sqrt(12), rtol=1e-6)
-    np.testing.assert_allclose(s.update_ratios["b"], 6.0 / np.sqrt(2), rtol=1e-6)
+    np.testing.assert_allclose(s.per_leaf("leaf_norms")["a"], 5.0, rtol=1e-6)
+    np.testing.assert_allclose(s.per_leaf("update_ratios")["a"], 2.5 / np.sqrt(12), rtol=1e-6)
+    np.testing.assert_allclose(s.per_leaf("update_ratios")["b"], 6.0 / np.sqrt(2), rtol=1e-6)
     assert int(s.nonfinite) == 0
     np.testing.assert_allclose(s.zero_fraction, 2 / 5)
 
@@ -96,8 +96,8 @@ def test_vanishing_flagged_after_patience_and_not_before():
     for t in range(5):
         _, state = tx.update(grads(t), state, PARAMS)
         assert bool(state.vanishing) == (t == 4), t
-    assert bool(state.vanishing_leaves["layer0"]["w"]) and not bool(
-        state.vanishing_leaves["layer1"]["w"]
+    assert bool(state.per_leaf("vanishing_leaves")["layer0"]["w"]) and not bool(
+        state.per_leaf("vanishing_leaves")["layer1"]["w"]
     )
     healthy = feed(gx.health(patience=5), [noisy(t) for t in range(10)], PARAMS)
     assert not bool(healthy.vanishing)
@@ -207,7 +207,7 @@ def test_one_pass_statistics_of_a_large_leaf_match_float64(size):
     g64, p64 = g.astype(np.float64), p.astype(np.float64)
     np.testing.assert_allclose(s.global_norm, np.linalg.norm(g64), rtol=1e-6)
     ratio = 0.5 * np.linalg.norm(g64) / np.linalg.norm(p64)
-    np.testing.assert_allclose(s.update_ratios["w"], ratio, rtol=1e-6)
+    np.testing.assert_allclose(s.per_leaf("update_ratios")["w"], ratio, rtol=1e-6)
     np.testing.assert_allclose(s.zero_fraction, 100 / size, rtol=1e-6)
     g[5], g[-1] = np.nan, -np.inf  # one in the blocks, one in the tail
     _, s = tx.update({"w": jnp.asarray(g)}, tx.init({"w": p}), {"w": jnp.asarray(p)})
