@@ -7,10 +7,12 @@ second pass over the gradients. All norms are accumulated in float32.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradxform._base import (
     ClipRecord,
@@ -214,6 +216,14 @@ def unitwise_sum_of_squares(x: jax.Array, axis: Any = None) -> jax.Array:
                 "pass `axis=` to name the reduction axes."
             )
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    axes = tuple(a % x.ndim for a in np.atleast_1d(axis).astype(int).tolist())
+    rows, kept = math.prod(x.shape[: len(axes)]), x.shape[len(axes) :]
+    if axes == tuple(range(len(axes))) and math.prod(kept) >= 8192 and rows <= 128:
+        # A few rows of many units, e.g. a stacked (layers, d_in, d_out) kernel: XLA:CPU reduces
+        # a leading axis element by element across the rows (7 ms for 12 x 196608 values); a
+        # sum of the rows is one streaming pass (0.2 ms).
+        flat = x.reshape(rows, *kept)
+        return sum(flat[i] * flat[i] for i in range(rows)).reshape((1,) * len(axes) + kept)
     return jnp.sum(x * x, axis=axis, keepdims=True)
 
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import gradxform as gx
 
@@ -49,3 +50,23 @@ def test_threshold_schedule_is_evaluated_at_the_step_count():
         u, state = tx.update(g, state)
         norms.append(float(u["w"][0]))
     assert norms == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((3, 128, 96), None), ((2, 2, 2, 8192), None), ((2, 3, 64, 160), (0, 1)), ((4, 8192), -2)],
+)
+def test_agc_units_of_few_rows_and_many_columns_match_optax(shape, axis):
+    # these take the sum-of-rows path of `unitwise_sum_of_squares` (>= 8192 units, <= 128 rows)
+    key_g, key_p = jax.random.split(jax.random.key(0))
+    params = {"w": jax.random.normal(key_p, shape)}
+    grads = {"w": 5.0 * jax.random.normal(key_g, shape)}
+    tx = gx.adaptive_grad_clip(0.05, axis=axis)
+    got, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    if axis is None:
+        expected, _ = optax.adaptive_grad_clip(0.05).update(grads, optax.EmptyState(), params)
+    else:
+        norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+        scale = jnp.minimum(1.0, 0.05 * jnp.maximum(norm(params["w"]), 1e-3) / norm(grads["w"]))
+        expected = {"w": grads["w"] * scale}
+    np.testing.assert_allclose(got["w"], expected["w"], rtol=2e-6, atol=1e-7)
