@@ -205,24 +205,17 @@ def once_per_shape(fn: Callable, leaves: Sequence[Any]) -> Callable:
     Under `jit` (or `vmap`, ...) every `jnp` call costs Python time per leaf; through `jax.jit`
     a per-leaf rule is traced once per shape and then reused (XLA inlines the calls, so the
     compiled program and its results are unchanged). Eagerly `fn` runs as it is: `jit` of a
-    fresh closure would compile on every step.
+    fresh closure would compile on every step. Worth it for rules of many operations (Adam's:
+    trace 2.9 -> 0.85 s at 1000 leaves); a one-operation map gains nothing.
     """
     return jax.jit(fn) if any(isinstance(x, jax.core.Tracer) for x in leaves) else fn
-
-
-def map_leaves(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
-    """`jax.tree.map(fn, tree, *rest)`, tracing `fn` once per distinct leaf shape and dtype."""
-    leaves, treedef = jax.tree.flatten(tree)
-    rest_leaves = [treedef.flatten_up_to(r) for r in rest]
-    fn = once_per_shape(fn, leaves)
-    return treedef.unflatten([fn(*xs) for xs in zip(leaves, *rest_leaves, strict=True)])
 
 
 def tree_map_unzip(fn: Callable[..., tuple], tree: PyTree, *rest: PyTree, n: int) -> tuple:
     """Map `fn` (returning an `n`-tuple) over the leaves of trees shaped like `tree`; unzip.
 
     This is how a one-array update rule is lifted to pytrees once: `fn(g, m, v) -> (u, m, v)`,
-    traced once per distinct leaf shape and dtype (see `map_leaves`).
+    traced once per distinct leaf shape and dtype (see `once_per_shape`).
     """
     leaves, treedef = jax.tree.flatten(tree)
     rest_leaves = [treedef.flatten_up_to(r) for r in rest]

@@ -21,7 +21,6 @@ from gradxform._base import (
     check_positive,
     global_norm,
     gradient_transformation,
-    map_leaves,
     no_clip_record,
     resolve,
     safe_increment,
@@ -45,7 +44,7 @@ def clip_to_norm(updates: Any, norm: jax.Array, threshold: jax.Array) -> tuple[A
     """Scale `updates`, whose global norm is `norm`, down to `threshold` if above it."""
     clipped = norm > threshold
     factor = jnp.where(clipped, threshold / norm, 1.0)
-    return map_leaves(lambda g: scale_leaf(g, factor), updates), clipped
+    return jax.tree.map(lambda g: scale_leaf(g, factor), updates), clipped
 
 
 def clip(max_delta: ScalarOrSchedule) -> GradientTransformationExtraArgs:

@@ -21,7 +21,6 @@ from gradxform._base import (
     ScalarOrSchedule,
     check_nonnegative,
     gradient_transformation,
-    map_leaves,
     path_name,
     resolve,
     safe_increment,
@@ -52,7 +51,7 @@ def _add_param_term(
         if isinstance(weight_decay, int | float) and weight_decay == 0:
             return updates, new_state
         wd = resolve(weight_decay, state.count)
-        updates = map_leaves(lambda g, p: (g + wd * term(p)).astype(g.dtype), updates, params)
+        updates = jax.tree.map(lambda g, p: (g + wd * term(p)).astype(g.dtype), updates, params)
         return updates, new_state
 
     tx = gradient_transformation(init, update)

@@ -14,7 +14,6 @@ from gradxform._base import (
     ScalarOrSchedule,
     check_nonnegative,
     gradient_transformation,
-    map_leaves,
     safe_increment,
     step_counter,
 )
@@ -37,7 +36,7 @@ def scale(step_size: float | jax.Array) -> GradientTransformationExtraArgs:
 
     def update(updates, state, params=None):
         del params
-        return map_leaves(lambda g: (step_size * g).astype(g.dtype), updates), state
+        return jax.tree.map(lambda g: (step_size * g).astype(g.dtype), updates), state
 
     return gradient_transformation(lambda params: EmptyState(), update)
 
@@ -72,7 +71,7 @@ def scale_by_schedule(
     def update(updates, state, params=None):
         del params
         step_size = step_size_fn(state.count)
-        updates = map_leaves(lambda g: jnp.asarray(step_size, g.dtype) * g, updates)
+        updates = jax.tree.map(lambda g: jnp.asarray(step_size, g.dtype) * g, updates)
         return updates, ScaleByScheduleState(safe_increment(state.count))
 
     return gradient_transformation(init, update)

@@ -93,7 +93,7 @@ def test_vmap_over_ensemble_equals_python_loop(case):
             lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=case.rtol, atol=case.rtol),
             u_vmap,
             u_i,
-        )  # under vmap the per-leaf rule is compiled (see `map_leaves`): jit's tolerance
+        )  # under vmap the per-leaf rule is compiled (see `once_per_shape`): jit's tolerance
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
