@@ -211,15 +211,19 @@ def once_per_shape(fn: Callable, leaves: Sequence[Any]) -> Callable:
     return jax.jit(fn) if any(isinstance(x, jax.core.Tracer) for x in leaves) else fn
 
 
-def tree_map_unzip(fn: Callable[..., tuple], tree: PyTree, *rest: PyTree, n: int) -> tuple:
+def tree_map_unzip(
+    fn: Callable[..., tuple], tree: PyTree, *rest: PyTree, n: int, per_shape: bool = True
+) -> tuple:
     """Map `fn` (returning an `n`-tuple) over the leaves of trees shaped like `tree`; unzip.
 
     This is how a one-array update rule is lifted to pytrees once: `fn(g, m, v) -> (u, m, v)`,
-    traced once per distinct leaf shape and dtype (see `once_per_shape`).
+    traced once per distinct leaf shape and dtype (see `once_per_shape`) unless `per_shape` is
+    False (rules of two or three operations compile faster inlined).
     """
     leaves, treedef = jax.tree.flatten(tree)
     rest_leaves = [treedef.flatten_up_to(r) for r in rest]
-    fn = once_per_shape(fn, leaves)
+    if per_shape:
+        fn = once_per_shape(fn, leaves)
     outs = [fn(*xs) for xs in zip(leaves, *rest_leaves, strict=True)]
     columns = list(zip(*outs, strict=True)) if outs else [()] * n
     return tuple(treedef.unflatten(col) for col in columns)

@@ -63,7 +63,7 @@ def trace(
     def update(updates, state, params=None):
         del params
         check_same_structure(updates, state.trace, "updates", "state.trace")
-        updates, new_trace = tree_map_unzip(leaf, updates, state.trace, n=2)
+        updates, new_trace = tree_map_unzip(leaf, updates, state.trace, n=2, per_shape=False)
         return updates, TraceState(new_trace)
 
     return gradient_transformation(init, update)
@@ -111,7 +111,7 @@ def ema(
             u = m / correction.astype(m.dtype) if debias else m
             return u.astype(g.dtype), m.astype(m_prev.dtype)
 
-        updates, new_ema = tree_map_unzip(leaf, updates, state.ema, n=2)
+        updates, new_ema = tree_map_unzip(leaf, updates, state.ema, n=2, per_shape=False)
         return updates, EmaState(count, new_ema)
 
     return gradient_transformation(init, update)
