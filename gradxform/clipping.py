@@ -215,9 +215,13 @@ def unitwise_sum_of_squares(x: jax.Array, axis: Any = None) -> jax.Array:
                 "pass `axis=` to name the reduction axes."
             )
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    axes = tuple(a % x.ndim for a in np.atleast_1d(axis).astype(int).tolist())
+    axes = tuple(np.atleast_1d(axis).astype(int).tolist())
+    if any(not -x.ndim <= a < x.ndim for a in axes):
+        raise ValueError(f"`axis` {axis} is out of range for a leaf of shape {x.shape}.")
+    axes = tuple(a % x.ndim for a in axes)
     rows, kept = math.prod(x.shape[: len(axes)]), x.shape[len(axes) :]
-    if axes == tuple(range(len(axes))) and math.prod(kept) >= 8192 and rows <= 128:
+    leading = axes == tuple(range(len(axes)))
+    if leading and math.prod(kept) >= 8192 and 1 <= rows <= 128:
         # A few rows of many units, e.g. a stacked (layers, d_in, d_out) kernel: XLA:CPU reduces
         # a leading axis element by element across the rows (7 ms for 12 x 196608 values); a
         # sum of the rows is one streaming pass (0.2 ms).

@@ -172,11 +172,17 @@ def health(
             updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
 
         leaves, treedef = jax.tree.flatten(grads)
+        if treedef != jax.tree.structure(state.leaves):
+            raise ValueError(
+                "`updates` do not match the tree `health` was initialised with: "
+                f"{treedef} vs {jax.tree.structure(state.leaves)}."
+            )
         with_params = params is not None
         others = [treedef.flatten_up_to(t) for t in (params, updates)] if with_params else []
-        sq, bad, zero, p_sq, u_sq = _per_leaf_sums(leaves, *others)
+        sums = _per_leaf_sums(leaves, *others)
+        sq, p_sq, u_sq = (x.astype(jnp.float32) for x in (sums[0], sums[3], sums[4]))
+        nonfinite, zeros = (jnp.sum(x, dtype=jnp.int32) for x in (sums[1], sums[2]))
         sizes = np.array([max(g.size, 1) for g in leaves], np.float32)
-        nonfinite, zeros = jnp.sum(bad), jnp.sum(zero)
         total = jnp.sum(sq)
         if axis_name is not None:
             total = jax.lax.psum(total, axis_name)
@@ -235,7 +241,7 @@ def _terms(g: jax.Array, p: jax.Array | None, u: jax.Array | None) -> tuple:
 
 
 def _reduce(operands: tuple, axes: tuple[int, ...]) -> tuple:
-    """Sums of several same-shaped arrays in one kernel (one `jnp.sum` each costs a pass each)."""
+    """Sums of several same-shaped arrays in one kernel (a `jnp.sum` each: a pass each)."""
     init = tuple(jnp.zeros([], x.dtype) for x in operands)
     return jax.lax.reduce(operands, init, lambda a, b: tuple(map(jnp.add, a, b)), axes)
 
@@ -268,8 +274,9 @@ def _per_leaf_sums(g: list, p: list | None = None, u: list | None = None) -> lis
     """[sum g**2, #non-finite g, #zero g, sum p**2, sum u**2] per leaf, as five vectors.
 
     Leaves above `_BLOCK` elements get one blocked pass each; the small ones (biases, scales:
-    most of a network's leaves) are reduced together, groups of at most `SMALL_GROUP` padded
-    elements, so they cost a few kernels instead of a few per leaf.
+    most of a network's leaves) are reduced together, in groups whose zero padding at most
+    doubles their size and that hold at most `SMALL_GROUP` padded elements, so they cost a few
+    kernels instead of a few per leaf.
     """
     n = len(g)
     if n == 0:
@@ -279,17 +286,22 @@ def _per_leaf_sums(g: list, p: list | None = None, u: list | None = None) -> lis
     at = lambda idx: [None if xs is None else [xs[i] for i in idx] for xs in (g, p, u)]
     large = [i for i in range(n) if g[i].size > _BLOCK]
     groups: list[list[int]] = []
+    real = 0  # elements of the open group, before padding
     for i in sorted(set(range(n)) - set(large), key=lambda i: g[i].size):
-        if not groups or (len(groups[-1]) + 1) * g[i].size > SMALL_GROUP:
+        padded = (len(groups[-1]) + 1) * g[i].size if groups else 0
+        if not groups or padded > SMALL_GROUP or padded > 2 * (real + g[i].size):
             groups.append([])
+            real = 0
         groups[-1].append(i)
+        real += g[i].size
     pieces = [_group_sums(*at(idx)) for idx in groups]
     leaf_sums = once_per_shape(_leaf_sums, at(large)[0])
     for i in large:
-        pieces.append([jnp.reshape(s, 1) for s in leaf_sums(*(x and x[0] for x in at([i])))])
+        one = [None if xs is None else xs[i] for xs in (g, p, u)]
+        pieces.append([jnp.reshape(s, 1) for s in leaf_sums(*one)])
     order = np.argsort([i for idx in groups for i in idx] + large)  # back to the leaves' order
     stats = [jnp.concatenate(column)[order] for column in zip(*pieces, strict=True)]
-    return stats if p is not None else [*stats, jnp.zeros([n], jnp.float32), jnp.zeros([n])]
+    return stats if p is not None else [*stats, *[jnp.zeros([n], jnp.float32)] * 2]
 
 
 # ----------------------------------------------------------------------------- reading

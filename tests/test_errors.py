@@ -113,3 +113,22 @@ def test_traced_hyperparameters_are_not_checked_at_construction():
     params = {"w": jnp.ones(2)}
     u, _ = jax.jit(tx.update)({"w": jnp.ones(2)}, tx.init(params), params)
     np.testing.assert_allclose(u["w"], -0.1)
+
+
+def test_health_refuses_updates_shaped_unlike_its_init_tree():
+    tx = gx.health()
+    state = tx.init({"a": jnp.zeros(2), "b": jnp.zeros(3)})
+    with pytest.raises(ValueError, match="`updates` do not match the tree `health`"):
+        tx.update({"a": jnp.zeros(2), "c": jnp.zeros(3)}, state)
+
+
+def test_agc_axis_out_of_range_is_refused_and_empty_units_are_fine():
+    tx = gx.adaptive_grad_clip(0.1, axis=2)
+    p = {"w": jnp.ones((4, 9000))}
+    with pytest.raises(
+        ValueError, match=r"`axis` 2 is out of range for a leaf of shape \(4, 9000\)"
+    ):
+        tx.update(p, tx.init(p), p)
+    empty = {"w": jnp.ones((0, 100, 100))}
+    agc = gx.adaptive_grad_clip(0.1)
+    assert agc.update(empty, agc.init(empty), empty)[0]["w"].shape == (0, 100, 100)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import gradxform as gx
-from gradxform import _base
+from gradxform import _base, telemetry
 
 
 def _tree(key):
@@ -27,7 +27,7 @@ def test_grouped_global_norm_matches_float64(monkeypatch, small_leaf, small_grou
     monkeypatch.setattr(_base, "SMALL_GROUP", small_group)
     tree = _tree(jax.random.key(2))
     expected = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
-    for norm in (gx.global_norm(tree), jax.jit(gx.global_norm)(tree)):
+    for norm in (gx.global_norm(tree), jax.jit(lambda t: gx.global_norm(t))(tree)):  # a fresh trace
         assert norm.dtype == jnp.float32
         np.testing.assert_allclose(norm, expected, rtol=1e-6)
     assert float(gx.global_norm({})) == 0.0
@@ -73,3 +73,38 @@ def test_adam_traces_its_rule_once_per_leaf_shape():
     per_leaf = [e for e in calls if e.params["name"] == "leaf"]
     assert len(per_leaf) == 51  # one call per leaf, of a rule traced once per (shape, dtype)
     assert len({id(e.params["jaxpr"]) for e in per_leaf}) == 2
+
+
+def test_per_shape_tracing_only_when_staged():
+    rule = lambda g: g * 2
+    seen = []
+
+    def probe(tree):
+        seen.append(_base.once_per_shape(rule, jax.tree.leaves(tree)))
+        return tree
+
+    jax.vmap(probe)(jnp.ones((3, 2)))  # eager vmap: a fresh jit here would compile every step
+    jax.grad(lambda x: jnp.sum(probe(x)))(jnp.ones(2))
+    assert seen == [rule, rule]
+    jax.jit(probe)(jnp.ones(2))
+    assert seen[-1] is not rule
+
+
+@pytest.mark.parametrize("small_group", [1, 7, 50, 1 << 20])
+def test_health_statistics_with_grouped_and_blocked_leaves_match_float64(monkeypatch, small_group):
+    monkeypatch.setattr(telemetry, "SMALL_GROUP", small_group)
+    sizes = [0, 1, 3, 3, 17, 64, 4096, 4097, 9000]
+    rng = np.random.default_rng(0)
+    grads = {f"l{i}": rng.normal(size=n).astype(np.float32) for i, n in enumerate(sizes)}
+    grads["l5"][:10] = 0.0
+    params = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in grads.items()}
+    tx = gx.health(gx.scale(-0.5))
+    state = tx.init(params)
+    _, s = jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, state, params)
+    norms, ratios = s.per_leaf("leaf_norms"), s.per_leaf("update_ratios")
+    for k, g in grads.items():
+        g64, p64 = g.astype(np.float64), params[k].astype(np.float64)
+        np.testing.assert_allclose(norms[k], np.linalg.norm(g64), rtol=1e-6)
+        expected = 0.5 * np.linalg.norm(g64) / max(np.linalg.norm(p64), 1e-30)
+        np.testing.assert_allclose(ratios[k], expected, rtol=1e-6)
+    assert round(float(s.zero_fraction) * sum(sizes)) == 10  # the padding is not counted

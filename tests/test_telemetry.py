@@ -241,3 +241,13 @@ def test_assert_healthy_can_leave_nonfinite_steps_to_the_caller():
     gx.assert_healthy(state, check_nonfinite=False)  # neither non-finite nor "explosion"
     with pytest.raises(gx.NonFiniteGradientError):
         gx.assert_healthy(state)
+
+
+def test_state_dtypes_hold_under_x64_so_scan_carries_it():
+    with jax.enable_x64(True):
+        params = {"w": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.float64)}
+        for tx in (gx.health(), gx.health(gx.sgd(0.1))):
+            state = tx.init(params)
+            step = lambda s, _, tx=tx: (tx.update(params, s, params)[1], None)
+            final, _ = jax.lax.scan(step, state, None, length=2)
+            assert jax.tree.map(lambda x: x.dtype, final) == jax.tree.map(lambda x: x.dtype, state)
