@@ -29,21 +29,23 @@ ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
 class ClipRecord(NamedTuple):
-    """What a clipping transform saw and did on its last step (fields may be per-leaf trees)."""
+    """What a clipping transform saw and did on its last step (per-leaf clips: `norm` and
+    `clipped` are trees shaped like the params)."""
 
     norm: Any  # float32 statistic compared with the threshold, before clipping
-    threshold: Any  # float32 threshold in force on that step
+    threshold: jax.Array  # float32 threshold in force on that step (one for all leaves)
     clipped: Any  # bool, True where the update was scaled down
 
 
 def no_clip_record(norm_like: Any = None) -> ClipRecord:
-    """An all-zero record; with `norm_like` (a tree) it holds one scalar per leaf of that tree."""
+    """An all-zero record; with `norm_like` (a tree), `norm` and `clipped` hold one scalar per
+    leaf of that tree."""
     zero = lambda _=None: jnp.zeros([], jnp.float32)
     if norm_like is None:
         return ClipRecord(zero(), zero(), jnp.zeros([], bool))
     return ClipRecord(
         jax.tree.map(zero, norm_like),
-        jax.tree.map(zero, norm_like),
+        zero(),
         jax.tree.map(lambda _: jnp.zeros([], bool), norm_like),
     )
 

@@ -141,7 +141,7 @@ def _per_leaf_clip(statistic, threshold_name: str, threshold: ScalarOrSchedule):
         updates = jax.tree.map(
             lambda g, s, c: scale_leaf(g, jnp.where(c, bound / s, 1.0)), updates, stats, clipped
         )
-        record = ClipRecord(stats, jax.tree.map(lambda _: bound, stats), clipped)
+        record = ClipRecord(stats, bound, clipped)
         return updates, ClipState(safe_increment(state.count), record)
 
     return gradient_transformation(init, update)
@@ -279,7 +279,7 @@ def adaptive_grad_clip(
         updates, peaks, clipped = tree_map_unzip(
             lambda g, p: leaf(g, p, bound), updates, params, n=3
         )
-        record = ClipRecord(peaks, jax.tree.map(lambda _: bound, peaks), clipped)
+        record = ClipRecord(peaks, bound, clipped)
         return updates, AdaptiveGradClipState(safe_increment(state.count), record)
 
     return gradient_transformation(init, update)
