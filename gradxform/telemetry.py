@@ -226,6 +226,12 @@ def health(
             growth_bound=state.growth_bound,
             inner=inner_state,
         )
+        if with_params:
+            # `* one` (exactly 1: the count is finite) makes the update depend on the sums,
+            # which read the params. XLA then runs them before `apply_updates` overwrites the
+            # donated params in place; otherwise it cannot order them and copies every param.
+            one = 1.0 + 0.0 * nonfinite.astype(jnp.float32)
+            updates = jax.tree.map(lambda u: u * one.astype(u.dtype), updates)
         return updates, new_state
 
     return gradient_transformation(init, update, extra_args=True)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gradxform as gx
@@ -108,3 +109,22 @@ def test_health_statistics_with_grouped_and_blocked_leaves_match_float64(monkeyp
         expected = 0.5 * np.linalg.norm(g64) / max(np.linalg.norm(p64), 1e-30)
         np.testing.assert_allclose(ratios[k], expected, rtol=1e-6)
     assert round(float(s.zero_fraction) * sum(sizes)) == 10  # the padding is not counted
+
+
+def test_health_reads_params_before_the_in_place_parameter_write():
+    """health's reductions read the params; unless the update depends on them, XLA cannot
+    order those reads before `apply_updates` overwrites the donated params, and copies them."""
+    params = {"w": jnp.ones((256, 64))}
+    tx = gx.health(gx.adamw(1e-3))
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    copies = [
+        line
+        for line in compiled.as_text().splitlines()
+        if "f32[256,64]" in line and " copy(" in line
+    ]
+    assert not copies, copies
