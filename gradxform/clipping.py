@@ -19,12 +19,14 @@ from gradxform._base import (
     GradientTransformationExtraArgs,
     ScalarOrSchedule,
     check_positive,
+    check_slots,
     global_norm,
     gradient_transformation,
     no_clip_record,
     resolve,
     safe_increment,
     scale_leaf,
+    stack_scalars,
     step_counter,
     sum_of_squares,
     tree_map_unzip,
@@ -126,7 +128,7 @@ def clip_by_global_norm(
     return gradient_transformation(init, update)
 
 
-def _per_leaf_clip(statistic, threshold_name: str, threshold: ScalarOrSchedule):
+def _per_leaf_clip(name: str, statistic, threshold_name: str, threshold: ScalarOrSchedule):
     """A transform that scales each leaf by `min(1, threshold / statistic(leaf))`."""
     check_positive(threshold_name, threshold)
 
@@ -135,13 +137,16 @@ def _per_leaf_clip(statistic, threshold_name: str, threshold: ScalarOrSchedule):
 
     def update(updates, state, params=None):
         del params
+        check_slots(state.record.leaves, updates, name)
         bound = _threshold(threshold, state.count)
-        stats = jax.tree.map(statistic, updates)
-        clipped = jax.tree.map(lambda s: s > bound, stats)
-        updates = jax.tree.map(
-            lambda g, s, c: scale_leaf(g, jnp.where(c, bound / s, 1.0)), updates, stats, clipped
-        )
-        record = ClipRecord(stats, bound, clipped)
+
+        def leaf(g):
+            s = statistic(g)
+            return scale_leaf(g, jnp.where(s > bound, bound / s, 1.0)), s
+
+        updates, stats = tree_map_unzip(leaf, updates, n=2, per_shape=False)
+        norm = stack_scalars(jax.tree.leaves(stats), jnp.float32)
+        record = ClipRecord(norm, bound, norm > bound, state.record.leaves)
         return updates, ClipState(safe_increment(state.count), record)
 
     return gradient_transformation(init, update)
@@ -163,7 +168,8 @@ def clip_by_leaf_norm(max_norm: ScalarOrSchedule) -> GradientTransformationExtra
       >>> u["a"], u["b"]
       (Array([0.6, 0.8], dtype=float32), Array([0.1], dtype=float32))
     """
-    return _per_leaf_clip(lambda g: jnp.sqrt(sum_of_squares(g)), "max_norm", max_norm)
+    norm = lambda g: jnp.sqrt(sum_of_squares(g))
+    return _per_leaf_clip("clip_by_leaf_norm", norm, "max_norm", max_norm)
 
 
 def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformationExtraArgs:
@@ -188,7 +194,7 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformationExtr
     def rms(g):
         return jnp.sqrt(sum_of_squares(g) / max(g.size, 1))
 
-    return _per_leaf_clip(rms, "threshold", threshold)
+    return _per_leaf_clip("clip_by_block_rms", rms, "threshold", threshold)
 
 
 class AdaptiveGradClipState(NamedTuple):
@@ -267,19 +273,18 @@ def adaptive_grad_clip(
         p_norm = jnp.maximum(jnp.sqrt(unitwise_sum_of_squares(p, axis)), eps)
         ratio = g_norm / p_norm
         u = scale_leaf(g, jnp.where(ratio > bound, bound / jnp.maximum(ratio, 1e-30), 1.0))
-        peak = jnp.max(ratio)
-        return u, peak, peak > bound
+        return u, jnp.max(ratio)
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError(
                 "`adaptive_grad_clip` needs `params`: call `update(g, state, params)`."
             )
+        check_slots(state.record.leaves, updates, "adaptive_grad_clip")
         bound = _threshold(clipping, state.count)
-        updates, peaks, clipped = tree_map_unzip(
-            lambda g, p: leaf(g, p, bound), updates, params, n=3
-        )
-        record = ClipRecord(peaks, bound, clipped)
+        updates, peaks = tree_map_unzip(lambda g, p: leaf(g, p, bound), updates, params, n=2)
+        peak = stack_scalars(jax.tree.leaves(peaks), jnp.float32)
+        record = ClipRecord(peak, bound, peak > bound, state.record.leaves)
         return updates, AdaptiveGradClipState(safe_increment(state.count), record)
 
     return gradient_transformation(init, update)

@@ -28,8 +28,10 @@ from gradxform._base import (
     check_decay,
     check_positive,
     check_range,
+    check_slots,
     find_states,
     gradient_transformation,
+    leaf_slots,
     moments_init,
     moments_update,
     moments_zscore,
@@ -37,6 +39,7 @@ from gradxform._base import (
     path_name,
     safe_increment,
     step_counter,
+    unflatten_vector,
 )
 from gradxform.adaptive_clipping import AutoClipState, ScaleBySpamState, ZClipState
 from gradxform.clipping import AdaptiveGradClipState, ClipState
@@ -50,7 +53,7 @@ class HealthState(NamedTuple):
 
     count: jax.Array  # int32 steps seen (saturating)
     global_norm: jax.Array  # float32 ||g|| of the incoming gradient this step
-    leaves: Any  # per params leaf, an empty float32[0]: names the entries of the vectors
+    leaves: Any  # `leaf_slots(params)`: names the entries of the vectors (holds no buffer)
     leaf_norms: jax.Array  # float32[leaves]: ||g_l||
     update_ratios: jax.Array  # float32[leaves]: ||u_l|| / ||p_l|| (u: the inner's output, else g)
     nonfinite: jax.Array  # int32 number of non-finite gradient values this step
@@ -70,8 +73,7 @@ class HealthState(NamedTuple):
 
     def per_leaf(self, field: str) -> Any:
         """`leaf_norms`, `update_ratios` or `vanishing_leaves` as a tree shaped like the params."""
-        values, treedef = getattr(self, field), jax.tree.structure(self.leaves)
-        return treedef.unflatten([values[..., i] for i in range(treedef.num_leaves)])
+        return unflatten_vector(self.leaves, getattr(self, field))
 
 
 def health(
@@ -146,7 +148,7 @@ def health(
         return HealthState(
             count=step_counter(),
             global_norm=jnp.zeros([], jnp.float32),
-            leaves=jax.tree.map(lambda _: jnp.zeros([0], jnp.float32), params),
+            leaves=leaf_slots(params),
             leaf_norms=jnp.zeros([n], jnp.float32),
             update_ratios=jnp.zeros([n], jnp.float32),
             nonfinite=step_counter(),
@@ -171,12 +173,8 @@ def health(
         else:
             updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
 
+        check_slots(state.leaves, grads, "health")
         leaves, treedef = jax.tree.flatten(grads)
-        if treedef != jax.tree.structure(state.leaves):
-            raise ValueError(
-                "`updates` do not match the tree `health` was initialised with: "
-                f"{treedef} vs {jax.tree.structure(state.leaves)}."
-            )
         with_params = params is not None
         others = [treedef.flatten_up_to(t) for t in (params, updates)] if with_params else []
         sums = _per_leaf_sums(leaves, *others)
@@ -407,7 +405,9 @@ def read_health(opt_state: Any) -> dict[str, float]:
                 if field in _UNLOGGED:
                     continue
                 if isinstance(value, ClipRecord):
-                    for sub, tree in value._asdict().items():
+                    for sub in ("norm", "threshold", "clipped"):
+                        per_leaf = value.leaves is not None and sub != "threshold"
+                        tree = value.per_leaf(sub) if per_leaf else getattr(value, sub)
                         _flat(f"{name}/{sub}", tree, out)
                 elif isinstance(value, Moments):
                     out[f"{name}/{field}_mean"] = _scalar(value.mean)

@@ -19,7 +19,7 @@ def test_agc_after_the_optimizer_bounds_each_units_step_relative_to_its_weights(
     step_norm = np.linalg.norm(np.asarray(u["w"]), axis=0)
     param_norm = np.linalg.norm(np.asarray(params["w"]), axis=0)
     np.testing.assert_allclose(step_norm / param_norm, 0.1, rtol=1e-5)  # Adam alone: ~1 and ~100
-    assert bool(state[1].record.clipped["w"])
+    assert bool(state[1].record.per_leaf("clipped")["w"])
 
 
 def test_block_rms_after_adam_caps_the_update_rms():

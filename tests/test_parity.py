@@ -123,8 +123,9 @@ def test_leaf_norm_clipping_actually_clips():
     u, state = tx.update(g, tx.init(g))
     np.testing.assert_allclose(np.linalg.norm(u["big"]), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(u["small"], g["small"])
-    assert bool(state.record.clipped["big"]) and not bool(state.record.clipped["small"])
-    np.testing.assert_allclose(state.record.norm["big"], 20.0, rtol=1e-6)
+    clipped, norm = state.record.per_leaf("clipped"), state.record.per_leaf("norm")
+    assert bool(clipped["big"]) and not bool(clipped["small"])
+    np.testing.assert_allclose(norm["big"], 20.0, rtol=1e-6)
 
 
 # ------------------------------------------------------------------- float32 accumulation
@@ -157,7 +158,7 @@ def test_per_leaf_norms_accumulate_in_float32(name):
     tx = getattr(gx, name)(1.0)
     u, state = tx.update(g, tx.init(g))
     assert bool(jnp.all(jnp.isfinite(u["w"]))) and float(jnp.max(u["w"])) > 0
-    assert np.isfinite(float(state.record.norm["w"]))
+    assert np.isfinite(float(state.record.per_leaf("norm")["w"]))
 
 
 @pytest.mark.parametrize("moment_dtype", [jnp.float32, jnp.bfloat16])

@@ -115,6 +115,27 @@ def test_read_health_finds_records_in_nested_wrappers():
     assert all(isinstance(v, float) for v in metrics.values())
 
 
+def test_read_health_names_every_leaf_of_per_leaf_clip_records():
+    tx = gx.chain(gx.clip_by_leaf_norm(1.0), gx.adaptive_grad_clip(0.01), gx.health())
+    g = noisy(0, 5.0)
+    metrics = gx.read_health(feed(tx, [g], PARAMS))
+    for layer in ("layer0", "layer1"):
+        norm = float(np.linalg.norm(np.asarray(g[layer]["w"], np.float64)))
+        assert metrics[f"clip/norm/{layer}/w"] == pytest.approx(norm, rel=1e-6)
+        assert metrics[f"clip/clipped/{layer}/w"] == 1.0 and metrics["clip/threshold"] == 1.0
+        assert metrics[f"agc/clipped/{layer}/w"] == 1.0  # unit norms 1/sqrt(n) >> 0.01 x 1
+    assert metrics["agc/threshold"] == pytest.approx(0.01)
+
+
+def test_per_leaf_records_hold_a_fixed_number_of_buffers_whatever_the_leaf_count():
+    """Per-leaf statistics are vectors named by buffer-free `Leaf` nodes: a state with a
+    buffer per leaf and field costs a kernel, a copy and a transfer per leaf and field."""
+    tx = gx.health(gx.chain(gx.clip_by_leaf_norm(1.0), gx.adaptive_grad_clip(0.01)))
+    buffers = [len(jax.tree.leaves(tx.init({f"l{i}": jnp.ones(3) for i in range(n)})))
+               for n in (2, 20)]  # fmt: skip
+    assert buffers[0] == buffers[1], buffers
+
+
 def test_read_health_on_a_flax_optimizer_strips_variable_suffixes():
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, gx.health(gx.sgd(0.1)), wrt=nnx.Param)
