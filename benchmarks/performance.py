@@ -395,6 +395,7 @@ class TrainStep:
 
 
 TELEMETRY_INPUTS = {"digits 8x8 (example default)": (8, 8, 1), "MNIST 28x28": (28, 28, 1)}
+TELEMETRY_SECONDS = 20.0
 
 
 def telemetry_overhead(repeats: int, batch: int = 128) -> dict:
@@ -409,12 +410,16 @@ def telemetry_overhead(repeats: int, batch: int = 128) -> dict:
             "with health": TrainStep(gx.health(opt()), shape, batch),
         }
         run_rounds(steps, repeats, warmup=3)
+        # A 4 ms step differs by tenths of a millisecond: sample for TELEMETRY_SECONDS in all.
+        per_round = sum(statistics.median(s.times) for s in steps.values())
+        run_rounds(steps, max(0, int(TELEMETRY_SECONDS / per_round) - repeats), warmup=0)
         without, with_ = (statistics.median(steps[k].times) for k in ("without", "with health"))
         paired = [
             a / b for a, b in zip(steps["with health"].times, steps["without"].times, strict=True)
         ]
         out[name] = {
             "batch": batch,
+            "rounds": len(paired),
             "params": count_tree(steps["without"].params),
             "step_ms_without": 1e3 * without,
             "step_ms_with_health": 1e3 * with_,

@@ -32,44 +32,85 @@ from gradxform._base import (
     find_states,
     gradient_transformation,
     leaf_slots,
-    moments_init,
     moments_update,
     moments_zscore,
     once_per_shape,
     path_name,
     safe_increment,
-    step_counter,
     unflatten_vector,
 )
 from gradxform.adaptive_clipping import AutoClipState, ScaleBySpamState, ZClipState
 from gradxform.clipping import AdaptiveGradClipState, ClipState
 from gradxform.guards import DynamicLossScaleState, SkipIfState
 
+# health's scalar statistics, by name. They are packed into two vectors because XLA:CPU
+# gives every state buffer a kernel of its own, plus copies of the donated buffers that other
+# kernels read: 18 scalars cost about 45 kernels a step, two vectors a few.
+_FLOATS = (
+    "global_norm",  # ||g|| of the incoming gradient this step
+    "zero_fraction",  # fraction of gradient values exactly 0
+    "z_score",  # z-score of log ||g|| against the running moments
+    "growth",  # ||g|| / exp(baseline mean): how far the norm has climbed
+    "log_norm_mean", "log_norm_var",  # running moments of log ||g|| over finite steps
+    "baseline_mean", "baseline_var",  # slow running moments: the trend a climb departs from
+    "z_bound",  # `z_threshold` (constant: makes the record self-describing)
+    "norm_bound",  # `max_norm`, inf when unset (constant)
+    "growth_bound",  # `max_growth`, inf when unset (constant)
+)  # fmt: skip
+_INTS = (
+    "count",  # steps seen (saturating)
+    "nonfinite",  # number of non-finite gradient values this step
+    "log_norm_n", "baseline_n",  # finite steps in the running moments (saturating)
+    "vanishing_streak",  # consecutive steps with some vanishing leaf
+    "exploding",  # (bool) z-score, growth or absolute bound exceeded, or non-finite
+    "vanishing",  # (bool) some leaf vanishing for `patience` consecutive steps
+)  # fmt: skip
+_BOOLS = ("exploding", "vanishing")
+
+
+def _pack(names: tuple[str, ...], values: dict[str, Any], dtype: Any) -> jax.Array:
+    return jnp.stack([jnp.asarray(values[name]).astype(dtype) for name in names])
+
 
 class HealthState(NamedTuple):
-    """Per-leaf statistics are vectors, one entry per params leaf in `jax.tree.leaves` order
-    (one buffer each: XLA:CPU would spend a kernel per leaf and field on per-leaf scalars);
-    `per_leaf(field)` gives one as a tree shaped like the params."""
+    """health's record of the last step.
 
-    count: jax.Array  # int32 steps seen (saturating)
-    global_norm: jax.Array  # float32 ||g|| of the incoming gradient this step
+    Scalars are read by name: `state.global_norm`, `state.z_score`, `state.exploding`, ...
+    (float32: global_norm, zero_fraction, z_score, growth, z_bound, norm_bound, growth_bound;
+    int32: count, nonfinite, vanishing_streak; bool: exploding, vanishing; `Moments`:
+    log_norm, baseline). They are stored packed in `floats` and `ints`.
+
+    Per-leaf statistics are vectors, one entry per params leaf in `jax.tree.leaves` order;
+    `per_leaf(field)` gives one as a tree shaped like the params.
+    """
+
+    floats: jax.Array  # float32[11]: the statistics named in `_FLOATS`
+    ints: jax.Array  # int32[7]: the counters and flags named in `_INTS`
     leaves: Any  # `leaf_slots(params)`: names the entries of the vectors (holds no buffer)
     leaf_norms: jax.Array  # float32[leaves]: ||g_l||
     update_ratios: jax.Array  # float32[leaves]: ||u_l|| / ||p_l|| (u: the inner's output, else g)
-    nonfinite: jax.Array  # int32 number of non-finite gradient values this step
-    zero_fraction: jax.Array  # float32 fraction of gradient values exactly 0
-    log_norm: Moments  # running mean/variance of log ||g|| over finite steps
-    z_score: jax.Array  # float32 z-score of log ||g|| against the running moments
-    baseline: Moments  # slow running moments of log ||g|| (the trend a climb departs from)
-    growth: jax.Array  # float32 ||g|| / exp(baseline mean): how far the norm has climbed
     vanishing_leaves: jax.Array  # bool[leaves]: below the vanishing bounds this step
-    vanishing_streak: jax.Array  # int32 consecutive steps with some vanishing leaf
-    exploding: jax.Array  # bool: z-score or absolute bound exceeded, or non-finite
-    vanishing: jax.Array  # bool: some leaf vanishing for `patience` consecutive steps
-    z_bound: jax.Array  # float32 `z_threshold` (constant: makes the record self-describing)
-    norm_bound: jax.Array  # float32 `max_norm`, inf when unset (constant)
-    growth_bound: jax.Array  # float32 `max_growth`, inf when unset (constant)
     inner: Any  # the wrapped transform's state (EmptyState when used stand-alone)
+
+    def __getattr__(self, name: str) -> jax.Array:
+        if name in _FLOATS:
+            return self.floats[..., _FLOATS.index(name)]
+        if name in _INTS:
+            value = self.ints[..., _INTS.index(name)]
+            return value != 0 if name in _BOOLS else value
+        raise AttributeError(f"`HealthState` has no field or statistic {name!r}")
+
+    @property
+    def count(self) -> jax.Array:  # (a property: `tuple.count` would shadow `__getattr__`)
+        return self.ints[..., _INTS.index("count")]
+
+    @property
+    def log_norm(self) -> Moments:
+        return Moments(self.log_norm_n, self.log_norm_mean, self.log_norm_var)
+
+    @property
+    def baseline(self) -> Moments:
+        return Moments(self.baseline_n, self.baseline_mean, self.baseline_var)
 
     def per_leaf(self, field: str) -> Any:
         """`leaf_norms`, `update_ratios` or `vanishing_leaves` as a tree shaped like the params."""
@@ -145,25 +186,19 @@ def health(
 
     def init(params):
         n = len(jax.tree.leaves(params))
+        floats = dict.fromkeys(_FLOATS, 0.0) | dict(
+            growth=1.0,
+            z_bound=z_threshold,
+            norm_bound=jnp.inf if max_norm is None else max_norm,
+            growth_bound=jnp.inf if max_growth is None else max_growth,
+        )
         return HealthState(
-            count=step_counter(),
-            global_norm=jnp.zeros([], jnp.float32),
+            floats=_pack(_FLOATS, floats, jnp.float32),
+            ints=jnp.zeros([len(_INTS)], jnp.int32),
             leaves=leaf_slots(params),
             leaf_norms=jnp.zeros([n], jnp.float32),
             update_ratios=jnp.zeros([n], jnp.float32),
-            nonfinite=step_counter(),
-            zero_fraction=jnp.zeros([], jnp.float32),
-            log_norm=moments_init(),
-            z_score=jnp.zeros([], jnp.float32),
-            baseline=moments_init(),
-            growth=jnp.ones([], jnp.float32),
             vanishing_leaves=jnp.zeros([n], bool),
-            vanishing_streak=step_counter(),
-            exploding=jnp.zeros([], bool),
-            vanishing=jnp.zeros([], bool),
-            z_bound=jnp.asarray(z_threshold, jnp.float32),
-            norm_bound=jnp.asarray(jnp.inf if max_norm is None else max_norm, jnp.float32),
-            growth_bound=jnp.asarray(jnp.inf if max_growth is None else max_growth, jnp.float32),
             inner=EmptyState() if inner is None else inner.init(params),
         )
 
@@ -203,25 +238,37 @@ def health(
         growth = jnp.where(warm & finite, jnp.exp(log_norm - state.baseline.mean), 1.0)
         exploding = (~finite) | (z > state.z_bound) | (norm > state.norm_bound)
         exploding |= growth > state.growth_bound
-        new_state = HealthState(
-            count=safe_increment(state.count),
+        log_moments = moments_update(state.log_norm, log_norm, decay, warmup_steps, finite)
+        baseline = moments_update(state.baseline, log_norm, baseline_decay, warmup_steps, finite)
+        floats = dict(
             global_norm=norm,
-            leaves=state.leaves,
-            leaf_norms=leaf_norms,
-            update_ratios=ratios,
-            nonfinite=nonfinite,
             zero_fraction=zeros.astype(jnp.float32) / max(sum(g.size for g in leaves), 1),
-            log_norm=moments_update(state.log_norm, log_norm, decay, warmup_steps, finite),
             z_score=z,
-            baseline=moments_update(state.baseline, log_norm, baseline_decay, warmup_steps, finite),
             growth=growth,
-            vanishing_leaves=low,
-            vanishing_streak=streak,
-            exploding=exploding,
-            vanishing=streak >= patience,
+            log_norm_mean=log_moments.mean,
+            log_norm_var=log_moments.var,
+            baseline_mean=baseline.mean,
+            baseline_var=baseline.var,
             z_bound=state.z_bound,
             norm_bound=state.norm_bound,
             growth_bound=state.growth_bound,
+        )
+        ints = dict(
+            count=safe_increment(state.count),
+            nonfinite=nonfinite,
+            log_norm_n=log_moments.n,
+            baseline_n=baseline.n,
+            vanishing_streak=streak,
+            exploding=exploding,
+            vanishing=streak >= patience,
+        )
+        new_state = HealthState(
+            floats=_pack(_FLOATS, floats, jnp.float32),
+            ints=_pack(_INTS, ints, jnp.int32),
+            leaves=state.leaves,
+            leaf_norms=leaf_norms,
+            update_ratios=ratios,
+            vanishing_leaves=low,
             inner=inner_state,
         )
         if with_params:
