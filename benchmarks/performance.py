@@ -395,10 +395,10 @@ class TrainStep:
 
 
 TELEMETRY_INPUTS = {"digits 8x8 (example default)": (8, 8, 1), "MNIST 28x28": (28, 28, 1)}
-TELEMETRY_SECONDS = 20.0
+TELEMETRY_SECONDS = 20.0  # of alternating rounds per input size
 
 
-def telemetry_overhead(repeats: int, batch: int = 128) -> dict:
+def telemetry_overhead(repeats: int, batch: int = 128, seconds: float = TELEMETRY_SECONDS) -> dict:
     """Full training step of the example CNN with `gx.health(opt)` against `opt` alone."""
     if not hasattr(gx, "health"):
         return {"note": "pending: gx.health does not exist yet"}
@@ -410,9 +410,9 @@ def telemetry_overhead(repeats: int, batch: int = 128) -> dict:
             "with health": TrainStep(gx.health(opt()), shape, batch),
         }
         run_rounds(steps, repeats, warmup=3)
-        # A 4 ms step differs by tenths of a millisecond: sample for TELEMETRY_SECONDS in all.
+        # A 4 ms step differs by tenths of a millisecond: sample for `seconds` in all.
         per_round = sum(statistics.median(s.times) for s in steps.values())
-        run_rounds(steps, max(0, int(TELEMETRY_SECONDS / per_round) - repeats), warmup=0)
+        run_rounds(steps, max(0, int(seconds / per_round) - repeats), warmup=0)
         without, with_ = (statistics.median(steps[k].times) for k in ("without", "with health"))
         paired = [
             a / b for a, b in zip(steps["with health"].times, steps["without"].times, strict=True)
@@ -632,7 +632,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.no_telemetry:
         telemetry = previous.get("telemetry", {"note": "not measured (--no-telemetry)"})
     else:
-        telemetry = telemetry_overhead(max(repeats, 10))
+        seconds = 2.0 if args.quick else TELEMETRY_SECONDS
+        telemetry = telemetry_overhead(max(repeats, 10), seconds=seconds)
     all_goals = {"gradxform": goals(cases, dtypes, telemetry)}
     result = {
         "meta": meta,
