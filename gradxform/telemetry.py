@@ -37,6 +37,7 @@ from gradxform._base import (
     once_per_shape,
     path_name,
     safe_increment,
+    stack_scalars,
     unflatten_vector,
 )
 from gradxform.adaptive_clipping import AutoClipState, ScaleBySpamState, ZClipState
@@ -66,10 +67,6 @@ _INTS = (
     "vanishing",  # (bool) some leaf vanishing for `patience` consecutive steps
 )  # fmt: skip
 _BOOLS = ("exploding", "vanishing")
-
-
-def _pack(names: tuple[str, ...], values: dict[str, Any], dtype: Any) -> jax.Array:
-    return jnp.stack([jnp.asarray(values[name]).astype(dtype) for name in names])
 
 
 class HealthState(NamedTuple):
@@ -193,7 +190,7 @@ def health(
             growth_bound=jnp.inf if max_growth is None else max_growth,
         )
         return HealthState(
-            floats=_pack(_FLOATS, floats, jnp.float32),
+            floats=stack_scalars([floats[k] for k in _FLOATS], jnp.float32),
             ints=jnp.zeros([len(_INTS)], jnp.int32),
             leaves=leaf_slots(params),
             leaf_norms=jnp.zeros([n], jnp.float32),
@@ -263,8 +260,8 @@ def health(
             vanishing=streak >= patience,
         )
         new_state = HealthState(
-            floats=_pack(_FLOATS, floats, jnp.float32),
-            ints=_pack(_INTS, ints, jnp.int32),
+            floats=stack_scalars([floats[k] for k in _FLOATS], jnp.float32),
+            ints=stack_scalars([ints[k] for k in _INTS], jnp.int32),
             leaves=state.leaves,
             leaf_norms=leaf_norms,
             update_ratios=ratios,
