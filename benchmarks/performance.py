@@ -198,10 +198,6 @@ if hasattr(gx, "stable") and hasattr(gx, "health"):
         "as clip+adamw: statistics of g ride on the norm pass, the guard selects in place",
     )
 
-# Cases skipped unless --include-slow, and why.
-SLOW: dict[tuple[str, str], str] = {}
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -602,9 +598,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--merge", action="store_true", help="keep the other cases of an existing JSON in --out"
     )
-    parser.add_argument(
-        "--include-slow", action="store_true", help=f"also run {sorted(SLOW)} (minutes to compile)"
-    )
     args = parser.parse_args(argv)
     n = int(1e6 if args.quick else args.params)
     repeats = 5 if args.quick else args.repeats
@@ -618,9 +611,6 @@ def main(argv: list[str] | None = None) -> dict:
     cases = []
     for i, tree_name in enumerate(args.trees):
         for chain_name in args.chains:
-            if (tree_name, chain_name) in SLOW and not args.include_slow:
-                print(f"skipped {chain_name} on {tree_name}: {SLOW[tree_name, chain_name]}")
-                continue
             case = measure_case(tree_name, chain_name, n, repeats, flip=bool(i % 2))
             cases.append(case)
             print(table([case]).splitlines()[2], flush=True)
