@@ -58,6 +58,135 @@ def _leaves(columns: dict[str, np.ndarray], prefix: str) -> tuple[list[str], np.
     return [n.removeprefix(prefix) for n in names], values
 
 
+def _matplotlib():
+    """The matplotlib pieces `plot_health` draws with, or an ImportError saying how to get them."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as e:
+        raise ImportError(
+            "`plot_health` needs matplotlib: `pip install 'gradxform[plots]'` (or matplotlib)."
+        ) from e
+    return matplotlib, Figure, FigureCanvasAgg
+
+
+def _cell_edges(steps: np.ndarray) -> np.ndarray:
+    """x edges of each step's heatmap cell: midpoints between steps, half a gap at the ends."""
+    if len(steps) == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    mids = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate([[2 * steps[0] - mids[0]], mids, [2 * steps[-1] - mids[-1]]])
+
+
+def _draw_leaf_norms(mpl, fig, ax, cax, steps, leaf_names, grad_norms) -> None:
+    """Panel 1: per-leaf gradient norms as a log-scaled heatmap, input at the top."""
+    from matplotlib.colors import LogNorm
+
+    rows = max(len(leaf_names), 1)
+    finite = np.isfinite(grad_norms)
+    positive = grad_norms[finite & (grad_norms > 0)]
+    if positive.size:
+        cmap = mpl.colormaps["magma"].with_extremes(bad=_NONFINITE_COLOUR)
+        shown = np.where(finite, np.maximum(grad_norms, positive.min()), np.nan)
+        mesh = ax.pcolormesh(
+            _cell_edges(steps), np.arange(len(leaf_names) + 1) - 0.5,
+            np.ma.masked_invalid(shown),
+            cmap=cmap, norm=LogNorm(positive.min(), positive.max()), shading="flat",
+        )  # fmt: skip
+        fig.colorbar(mesh, cax=cax, label="gradient norm")
+        ax.set_ylim(len(leaf_names) - 0.5, -0.5)
+    else:
+        ax.text(0.5, 0.5, "no finite per-leaf norms", transform=ax.transAxes, ha="center")
+        cax.set_axis_off()
+    ax.set_yticks(range(len(leaf_names)), leaf_names, fontsize=max(4, min(8, 400 // rows)))
+    nonfinite_note = ", cyan: non-finite" if (~finite).any() else ""
+    ax.set_title(f"per-leaf gradient norm (input at the top{nonfinite_note})", fontsize=10)
+    ax.tick_params(labelbottom=False)
+
+
+def _draw_step_marks(ax, steps, columns, record, global_norm) -> None:
+    """Non-finite norms (x), `exploding` flags (triangles) and skipped steps (red lines)."""
+    top, n = ax.get_xaxis_transform(), len(steps)
+    bad = ~np.isfinite(global_norm)
+    if bad.any():
+        ax.plot(
+            steps[bad], np.full(bad.sum(), 0.97), "x", color=_NONFINITE_COLOUR, transform=top,
+            label="non-finite",
+        )  # fmt: skip
+    flagged = columns.get(f"{record}/exploding", np.zeros(n)) > 0
+    if flagged.any():
+        ax.plot(
+            steps[flagged], np.full(flagged.sum(), 0.9), "v", ms=4, color="tab:orange",
+            transform=top, label="exploding flag",
+        )  # fmt: skip
+    skipped = np.zeros(n, bool)
+    for key in columns:
+        if key.endswith("/skipped"):
+            skipped |= columns[key] > 0
+    if skipped.any():
+        ax.vlines(
+            steps[skipped], 0, 1, transform=top, colors="tab:red", lw=0.6, alpha=0.6,
+            label="skipped step",
+        )  # fmt: skip
+
+
+def _draw_global_norm(ax, steps, columns, record) -> None:
+    """Panel 2: the global norm (log scale), every clipping threshold, and the step marks."""
+    global_norm = columns[f"{record}/global_norm"]
+    ok = np.isfinite(global_norm) & (global_norm > 0)
+    ax.plot(steps, np.where(ok, global_norm, np.nan), lw=0.9, color="black", label="global norm")
+    for key in sorted(columns, key=_natural):
+        kind, _, field = key.partition("/")
+        shown = np.isfinite(columns[key]) & (columns[key] > 0)
+        if field == "threshold" and kind != record and shown.any():  # inf: not clipping
+            ax.plot(
+                steps, np.where(shown, columns[key], np.nan), "--", lw=0.9,
+                label=f"{kind} threshold",
+            )  # fmt: skip
+    _draw_step_marks(ax, steps, columns, record, global_norm)
+    if ok.any():
+        ax.set_yscale("log")
+    ax.set_ylabel("global norm")
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), ncol=6, frameon=False)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelbottom=False)
+
+
+def _draw_update_ratios(mpl, fig, ax, cax, steps, columns, record) -> None:
+    """Panel 3: each leaf's update-to-parameter ratio, coloured input to output, with the
+    steps flagged `vanishing` shaded."""
+    from matplotlib.colors import Normalize
+
+    ratio_names, ratios = _leaves(columns, f"{record}/update_ratio/")
+    order = Normalize(0, max(len(ratio_names) - 1, 1))
+    cmap = mpl.colormaps["viridis"]
+    drawn = False
+    for i, values in enumerate(ratios):
+        ok = np.isfinite(values) & (values > 0) & (values < _ZERO_PARAM_RATIO)
+        drawn |= bool(ok.any())
+        ax.plot(steps, np.where(ok, values, np.nan), lw=0.7, color=cmap(order(i)))
+    vanishing = columns.get(f"{record}/vanishing", np.zeros(len(steps))) > 0
+    if vanishing.any():
+        ax.fill_between(
+            steps, 0, 1, where=vanishing, step="mid", transform=ax.get_xaxis_transform(),
+            color="tab:blue", alpha=0.12, label="vanishing flag",
+        )  # fmt: skip
+        ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
+    if drawn:
+        ax.set_yscale("log")
+    if ratio_names:
+        bar = fig.colorbar(mpl.cm.ScalarMappable(order, cmap), cax=cax)
+        bar.set_ticks(
+            [0, len(ratio_names) - 1], labels=[ratio_names[0], ratio_names[-1]], fontsize=7
+        )
+    else:
+        cax.set_axis_off()
+    ax.set_ylabel("||update|| / ||param||")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
 def plot_health(
     history: History, path: str | Path, *, record: str = "health", title: str | None = None
 ) -> Path:
@@ -94,10 +223,7 @@ def plot_health(
       >>> png.stat().st_size > 0
       True
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import LogNorm, Normalize
-    from matplotlib.figure import Figure
-
+    mpl, Figure, FigureCanvasAgg = _matplotlib()
     columns = _columns(history)
     norm_key = f"{record}/global_norm"
     if norm_key not in columns:
@@ -111,7 +237,6 @@ def plot_health(
     count = columns.get(f"{record}/count")
     steps = count if count is not None and np.all(np.isfinite(count)) else np.arange(1, n + 1)
     leaf_names, grad_norms = _leaves(columns, f"{record}/grad_norm/")
-    ratio_names, ratios = _leaves(columns, f"{record}/update_ratio/")
 
     rows = max(len(leaf_names), 1)
     fig = Figure(figsize=(11, 2.0 + 0.16 * rows + 5.0), layout="constrained")
@@ -124,130 +249,9 @@ def plot_health(
     ax_ratio = fig.add_subplot(grid[2, 0], sharex=ax_heat)
     if title:
         fig.suptitle(title)
-
-    # x edges of each step's cell, for the heatmap
-    mids = (steps[1:] + steps[:-1]) / 2 if n > 1 else np.zeros(0)
-    first = steps[0] - (mids[0] - steps[0] if n > 1 else 0.5)
-    last = steps[-1] + (steps[-1] - mids[-1] if n > 1 else 0.5)
-    edges = np.concatenate([[first], mids, [last]])
-
-    # 1. heatmap of per-leaf gradient norms
-    finite = np.isfinite(grad_norms)
-    positive = grad_norms[finite & (grad_norms > 0)]
-    if positive.size:
-        import matplotlib
-
-        cmap = matplotlib.colormaps["magma"].with_extremes(bad=_NONFINITE_COLOUR)
-        shown = np.where(finite, np.maximum(grad_norms, positive.min()), np.nan)
-        mesh = ax_heat.pcolormesh(
-            edges, np.arange(len(leaf_names) + 1) - 0.5, np.ma.masked_invalid(shown),
-            cmap=cmap, norm=LogNorm(positive.min(), positive.max()), shading="flat",
-        )  # fmt: skip
-        fig.colorbar(mesh, cax=fig.add_subplot(grid[0, 1]), label="gradient norm")
-        ax_heat.set_ylim(len(leaf_names) - 0.5, -0.5)
-    else:
-        ax_heat.text(0.5, 0.5, "no finite per-leaf norms", transform=ax_heat.transAxes, ha="center")
-    ax_heat.set_yticks(range(len(leaf_names)), leaf_names, fontsize=max(4, min(8, 400 // rows)))
-    nonfinite_note = ", cyan: non-finite" if (~finite).any() else ""
-    ax_heat.set_title(f"per-leaf gradient norm (input at the top{nonfinite_note})", fontsize=10)
-    ax_heat.tick_params(labelbottom=False)
-
-    # 2. global norm, clip thresholds, exploding flags, skipped steps
-    global_norm = columns[norm_key]
-    ok = np.isfinite(global_norm) & (global_norm > 0)
-    ax_norm.plot(
-        steps, np.where(ok, global_norm, np.nan), lw=0.9, color="black", label="global norm"
-    )
-    for key in sorted(columns, key=_natural):
-        kind, _, field = key.partition("/")
-        shown = np.isfinite(columns[key]) & (columns[key] > 0)
-        if field == "threshold" and kind != record and shown.any():  # inf: not clipping
-            ax_norm.plot(
-                steps,
-                np.where(shown, columns[key], np.nan),
-                "--",
-                lw=0.9,
-                label=f"{kind} threshold",
-            )
-    top = ax_norm.get_xaxis_transform()
-    bad = ~np.isfinite(global_norm)
-    if bad.any():
-        ax_norm.plot(
-            steps[bad],
-            np.full(bad.sum(), 0.97),
-            "x",
-            color=_NONFINITE_COLOUR,
-            transform=top,
-            label="non-finite",
-        )
-    flagged = columns.get(f"{record}/exploding", np.zeros(n)) > 0
-    if flagged.any():
-        ax_norm.plot(
-            steps[flagged],
-            np.full(flagged.sum(), 0.9),
-            "v",
-            ms=4,
-            color="tab:orange",
-            transform=top,
-            label="exploding flag",
-        )
-    skipped = np.zeros(n, bool)
-    for key in columns:
-        if key.endswith("/skipped"):
-            skipped |= columns[key] > 0
-    if skipped.any():
-        ax_norm.vlines(
-            steps[skipped],
-            0,
-            1,
-            transform=top,
-            colors="tab:red",
-            lw=0.6,
-            alpha=0.6,
-            label="skipped step",
-        )
-    if ok.any():
-        ax_norm.set_yscale("log")
-    ax_norm.set_ylabel("global norm")
-    ax_norm.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), ncol=6, frameon=False)
-    ax_norm.grid(alpha=0.3)
-    ax_norm.tick_params(labelbottom=False)
-
-    # 3. update-to-parameter ratios, coloured from input to output
-    import matplotlib
-
-    order = Normalize(0, max(len(ratio_names) - 1, 1))
-    cmap = matplotlib.colormaps["viridis"]
-    drawn = False
-    for i, values in enumerate(ratios):
-        ok = np.isfinite(values) & (values > 0) & (values < _ZERO_PARAM_RATIO)
-        drawn |= bool(ok.any())
-        ax_ratio.plot(steps, np.where(ok, values, np.nan), lw=0.7, color=cmap(order(i)))
-    vanishing = columns.get(f"{record}/vanishing", np.zeros(n)) > 0
-    if vanishing.any():
-        ax_ratio.fill_between(
-            steps,
-            0,
-            1,
-            where=vanishing,
-            step="mid",
-            transform=ax_ratio.get_xaxis_transform(),
-            color="tab:blue",
-            alpha=0.12,
-            label="vanishing flag",
-        )
-        ax_ratio.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
-    if drawn:
-        ax_ratio.set_yscale("log")
-    if ratio_names:
-        scalar = matplotlib.cm.ScalarMappable(order, cmap)
-        bar = fig.colorbar(scalar, cax=fig.add_subplot(grid[2, 1]))
-        bar.set_ticks(
-            [0, len(ratio_names) - 1], labels=[ratio_names[0], ratio_names[-1]], fontsize=7
-        )
-    ax_ratio.set_ylabel("||update|| / ||param||")
-    ax_ratio.set_xlabel("step")
-    ax_ratio.grid(alpha=0.3)
+    _draw_leaf_norms(mpl, fig, ax_heat, fig.add_subplot(grid[0, 1]), steps, leaf_names, grad_norms)
+    _draw_global_norm(ax_norm, steps, columns, record)
+    _draw_update_ratios(mpl, fig, ax_ratio, fig.add_subplot(grid[2, 1]), steps, columns, record)
     fig.add_subplot(grid[1, 1]).set_axis_off()
 
     path = Path(path)

@@ -96,3 +96,11 @@ def test_heatmap_rows_follow_network_order(history):
     )
     assert names == [f"Dense_{i}/{k}" for i in (0, 1, 2, 10) for k in ("bias", "kernel")]
     assert values.shape == (8, len(history))
+
+
+def test_plot_health_without_matplotlib_says_how_to_install_it(history, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an absent package looks like
+    with pytest.raises(ImportError, match=r"pip install 'gradxform\[plots\]'"):
+        plot_health(history, tmp_path / "health.png")
