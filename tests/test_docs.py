@@ -108,12 +108,28 @@ def site(tmp_path_factory) -> Path:
 
 def test_site_builds_strictly(site):
     assert (site / "index.html").is_file()
-    assert (site / "api" / "clipping" / "index.html").is_file()
+    assert (site / "api" / "clipping.html").is_file()
+
+
+def test_site_works_opened_from_disk(site):
+    """Opened as files (file://), a link must name a file: a folder shows a directory listing.
+    Search must not need a server either: its index ships as a script (Material's `offline`
+    plugin; the theme loads it instead of fetching the JSON when the protocol is file:)."""
+    for page in site.rglob("*.html"):
+        if page.name == "404.html":  # shown by a server only, which resolves its root links
+            continue
+        for href in re.findall(r'(?:href|src)="([^"]+)"', page.read_text()):
+            target = href.split("#", 1)[0].split("?", 1)[0]
+            if not target or re.match(r"^[a-z]+:", target):  # same page, or http(s)/mailto/data
+                continue
+            resolved = (page.parent / target).resolve()
+            assert resolved.is_file(), f"{page.relative_to(site)} links to {href}: not a file"
+    assert (site / "search" / "search_index.js").read_text().startswith("var __index = {")
 
 
 def test_api_reference_documents_every_public_name(site):
     ids = set()
-    for page in (site / "api").rglob("index.html"):
+    for page in (site / "api").rglob("*.html"):
         ids |= set(re.findall(r'id="(gradxform\.[\w.]+)"', page.read_text()))
     # `gradxform.<module>.<name>` headings, or `gradxform.<name>` anchors for optax's objects;
     # deeper ids are fields (`...ScaleByAdamState.mu`) and do not count.
@@ -126,7 +142,7 @@ def test_api_reference_documents_every_public_name(site):
 
 
 def test_rendered_reference_shows_update_rules_fields_and_examples(site):
-    html = (site / "api" / "adaptive" / "index.html").read_text()
+    html = (site / "api" / "adaptive.html").read_text()
     assert "mu_t = b1 * mu_{t-1}" in html  # the update rule, verbatim in a code block
     assert "<strong>2" not in html  # ... not read as Markdown emphasis (g_t**2 ... mu_t**2)
     assert "first moment (EMA of g), dtype" in html  # a state field's comment, as its docs
