@@ -185,18 +185,17 @@ CHAINS: dict[str, Chain] = {
         "read g twice (norm, update), p, mu, nu; write p, mu, nu",
     ),
 }
-if hasattr(gx, "stable") and hasattr(gx, "health"):
-    # gx.stable = health(skip_if(chain(zclip, adamw))). optax has no telemetry and no z-score
-    # clipping; its nearest composite is a non-finite guard around clip + adamw.
-    CHAINS["stable(adamw)"] = Chain(
-        lambda **kw: gx.stable(gx.adamw(LR, weight_decay=WD, **kw)),
-        lambda: optax.apply_if_finite(
-            optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adamw(LR, weight_decay=WD)),
-            max_consecutive_errors=5,
-        ),
-        32,
-        "as clip+adamw: statistics of g ride on the norm pass, the guard selects in place",
-    )
+# gx.stable: telemetry, a skip guard, z-score clipping and a step bound around adamw. optax has no
+# telemetry and no z-score clipping; its nearest composite is a non-finite guard around clip+adamw.
+CHAINS["stable(adamw)"] = Chain(
+    lambda **kw: gx.stable(gx.adamw(LR, weight_decay=WD, **kw)),
+    lambda: optax.apply_if_finite(
+        optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adamw(LR, weight_decay=WD)),
+        max_consecutive_errors=5,
+    ),
+    32,
+    "as clip+adamw: statistics of g ride on the norm pass, the guard selects in place",
+)
 
 # ----------------------------------------------------------------------------- measuring
 
@@ -396,8 +395,6 @@ TELEMETRY_SECONDS = 20.0  # of alternating rounds per input size
 
 def telemetry_overhead(repeats: int, batch: int = 128, seconds: float = TELEMETRY_SECONDS) -> dict:
     """Full training step of the example CNN with `gx.health(opt)` against `opt` alone."""
-    if not hasattr(gx, "health"):
-        return {"note": "pending: gx.health does not exist yet"}
     opt = lambda: gx.chain(gx.clip_by_global_norm(MAX_NORM), gx.adamw(LR, weight_decay=WD))
     out = {}
     for name, shape in TELEMETRY_INPUTS.items():
@@ -604,8 +601,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     meta = {**machine.describe(), "params_target": n, "repeats": repeats}
     print(", ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
-    if "stable(adamw)" not in CHAINS:
-        print("note: gx.stable/gx.health do not exist yet; the stability chain is skipped")
     path = args.out / "performance.json"
     previous = json.loads(path.read_text()) if args.merge and path.exists() else {}
     cases = []
