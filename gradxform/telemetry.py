@@ -81,8 +81,8 @@ class HealthState(NamedTuple):
     `per_leaf(field)` gives one as a tree shaped like the params.
     """
 
-    floats: jax.Array  # float32[11]: the statistics named in `_FLOATS`
-    ints: jax.Array  # int32[7]: the counters and flags named in `_INTS`
+    floats: jax.Array  # float32 statistics, packed: read them by name (`state.global_norm`)
+    ints: jax.Array  # int32 counters and flags, packed: read them by name (`state.exploding`)
     leaves: Any  # `leaf_slots(params)`: names the entries of the vectors (holds no buffer)
     leaf_norms: jax.Array  # float32[leaves]: ||g_l||
     update_ratios: jax.Array  # float32[leaves]: ||u_l|| / ||p_l|| (u: the inner's output, else g)
@@ -98,7 +98,8 @@ class HealthState(NamedTuple):
         raise AttributeError(f"`HealthState` has no field or statistic {name!r}")
 
     @property
-    def count(self) -> jax.Array:  # (a property: `tuple.count` would shadow `__getattr__`)
+    def count(self) -> jax.Array:
+        """Steps seen (int32, saturating)."""
         return self.ints[..., _INTS.index("count")]
 
     @property
