@@ -162,7 +162,8 @@ def health(
       ratio_floor: update-to-parameter ratio below which a leaf counts as vanishing
         (leaves whose parameters are all zero are exempt).
       patience: consecutive steps before `vanishing` is raised.
-      axis_name: `psum` the squared norms over this axis (parameters sharded across it).
+      axis_name: `psum` every per-leaf sum over this axis (parameters sharded across it), so
+        norms, counts, ratios and flags are those of the whole model on every device.
 
     Examples:
       >>> import gradxform as gx, jax.numpy as jnp
@@ -211,13 +212,13 @@ def health(
         with_params = params is not None
         others = [treedef.flatten_up_to(t) for t in (params, updates)] if with_params else []
         sums = _per_leaf_sums(leaves, *others)
+        shards = 1
+        if axis_name is not None:  # each device holds a slice of every leaf: add them up
+            sums, shards = jax.lax.psum((sums, 1), axis_name)
         sq, p_sq, u_sq = (x.astype(jnp.float32) for x in (sums[0], sums[3], sums[4]))
         nonfinite, zeros = (jnp.sum(x, dtype=jnp.int32) for x in (sums[1], sums[2]))
-        sizes = np.array([max(g.size, 1) for g in leaves], np.float32)
-        total = jnp.sum(sq)
-        if axis_name is not None:
-            total = jax.lax.psum(total, axis_name)
-        norm = jnp.sqrt(total)
+        sizes = np.array([max(g.size, 1) for g in leaves], np.float32) * shards
+        norm = jnp.sqrt(jnp.sum(sq))
         leaf_norms, p_norms = jnp.sqrt(sq), jnp.sqrt(p_sq)
         ratios = jnp.sqrt(u_sq) / jnp.maximum(p_norms, 1e-30)
         rms = jnp.sqrt(sq / sizes)
@@ -240,7 +241,7 @@ def health(
         baseline = moments_update(state.baseline, log_norm, baseline_decay, warmup_steps, finite)
         floats = dict(
             global_norm=norm,
-            zero_fraction=zeros.astype(jnp.float32) / max(sum(g.size for g in leaves), 1),
+            zero_fraction=zeros.astype(jnp.float32) / jnp.maximum(jnp.sum(sizes), 1),
             z_score=z,
             growth=growth,
             log_norm_mean=log_moments.mean,
