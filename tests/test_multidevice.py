@@ -1,6 +1,7 @@
-"""Multi-device behaviour on 8 virtual CPU devices: `pmap` and `shard_map` with `axis_name`
-give the norm of the whole model, `jit` with `NamedSharding` equals one device, state sharding
-follows the params', and replicas add identical noise."""
+"""Multi-device behaviour on 8 virtual CPU devices: `jit` with `NamedSharding` equals one
+device, state sharding follows the params', replicas add identical noise, and data-parallel
+`pmap` training equals one device (`axis_name` under `pmap` and `shard_map`:
+tests/test_axis_name.py)."""
 
 import functools
 
@@ -27,51 +28,6 @@ def sharded_params():
     key = jax.random.key(0)
     # Sizes no state buffer of the test cases has (AutoClip's history is < 30).
     return {"w": jax.random.normal(key, (N * 5, 3)), "b": jnp.linspace(-1.0, 1.0, N * 6)}
-
-
-def split(tree):
-    """Shard every leaf's first axis over the devices: (N, size/N, ...)."""
-    return jax.tree.map(lambda x: x.reshape(N, x.shape[0] // N, *x.shape[1:]), tree)
-
-
-def join(tree):
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
-
-
-@pytest.mark.parametrize("name", ["clip_by_global_norm"])
-def test_pmap_axis_name_gives_the_norm_of_the_whole_model(name):
-    params = sharded_params()
-    grads = jax.tree.map(lambda x: 10.0 * x, params)
-    whole = getattr(gx, name)(1.0)
-    expected, expected_state = whole.update(grads, whole.init(params))
-
-    tx = getattr(gx, name)(1.0, axis_name="devices")
-    shards = split(grads)
-    state = jax.pmap(tx.init)(shards)
-    got, got_state = jax.pmap(tx.update, axis_name="devices")(shards, state)
-    np.testing.assert_allclose(join(got)["w"], expected["w"], rtol=1e-6)
-    np.testing.assert_allclose(got_state.record.norm, expected_state.record.norm, rtol=1e-6)
-    # Without axis_name every shard would be clipped by its own, smaller norm.
-    alone, _ = jax.pmap(gx.clip_by_global_norm(1.0).update)(shards, state)
-    assert not np.allclose(join(alone)["w"], expected["w"])
-
-
-def test_shard_map_axis_name_gives_the_norm_of_the_whole_model():
-    params = sharded_params()
-    grads = jax.tree.map(lambda x: 10.0 * x, params)
-    expected, _ = gx.clip_by_global_norm(1.0).update(grads, gx.clip_by_global_norm(1.0).init(grads))
-    mesh = Mesh(jax.devices(), ("data",))
-    tx = gx.clip_by_global_norm(1.0, axis_name="data")
-
-    @functools.partial(
-        jax.shard_map, mesh=mesh, in_specs=(P("data"),), out_specs=P("data"), check_vma=False
-    )
-    def clip(g):
-        u, _ = tx.update(g, tx.init(g))
-        return u
-
-    got = jax.jit(clip)(grads)
-    np.testing.assert_allclose(got["w"], expected["w"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
