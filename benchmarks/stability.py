@@ -677,9 +677,9 @@ def plot_summary(table: list[dict], path: Path) -> None:
     for t in table:
         i, j = row_names.index(t["row"]), set_names.index(t["setting"])
         fail[i, j], acc[i, j] = t["fail_fraction"], t["median_test_accuracy"]
-    fig = Figure(
-        figsize=(1.3 * len(set_names) + 3, 0.45 * len(row_names) + 2.2), layout="constrained"
-    )
+    # Sized to be read at a documentation page's width (about 900 px): few inches, large text.
+    fig = Figure(figsize=(0.85 * len(set_names) + 2.6, 0.42 * len(row_names) + 2.4))
+    fig.set_layout_engine("constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(fail, cmap="Reds", vmin=0, vmax=1, aspect="auto")
@@ -687,10 +687,10 @@ def plot_summary(table: list[dict], path: Path) -> None:
         for j in range(len(set_names)):
             if not np.isnan(fail[i, j]):
                 color = "white" if fail[i, j] > 0.5 else "black"
-                ax.text(j, i, f"{acc[i, j]:.3f}", ha="center", va="center", fontsize=7, color=color)
-    ax.set_xticks(range(len(set_names)), set_names, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(row_names)), row_names, fontsize=8)
-    ax.set_title("fail fraction (colour) and median test accuracy (text), 8x8 digits")
+                ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=9, color=color)
+    ax.set_xticks(range(len(set_names)), set_names, rotation=35, ha="right", fontsize=9)
+    ax.set_yticks(range(len(row_names)), row_names, fontsize=9)
+    ax.set_title("fail fraction (colour), median test accuracy (text)", fontsize=10)
     fig.colorbar(image, ax=ax, label="fail fraction", fraction=0.03)
     fig.savefig(path, dpi=110)
 
