@@ -53,7 +53,7 @@ class Config:
     width: int = 128  # MLP hidden width; CNN dense width
     channels: tuple[int, int] = (32, 64)  # CNN conv channels
     activation: str = "relu"
-    init: str = "he"  # kernel initialiser
+    init: str | None = None  # kernel initialiser; None: He for the MLP, LeCun for the CNN
     init_scale: float = 1.0  # kernel init multiplier (< 1 provokes vanishing gradients)
     batch_norm: bool = False
     dropout: float = 0.0
@@ -174,7 +174,7 @@ def _range_text(low, high, low_ok: bool, high_ok: bool) -> str:
 
 def _validate(cfg: Config) -> None:
     for name, choices in _CHOICES.items():
-        if getattr(cfg, name) not in choices:
+        if getattr(cfg, name) not in choices and not (name == "init" and cfg.init is None):
             raise UsageError(
                 f"{flag(name)} must be one of {', '.join(choices)}; got {getattr(cfg, name)!r}."
             )

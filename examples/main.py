@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_channels,
     )
     add(g, "--activation", "activation", choices=config.ACTIVATIONS)
-    add(g, "--init", "kernel initialiser (hidden layers)", choices=config.INITS)
+    add(g, "--init", "kernel initialiser (None: MLP he, CNN lecun)", choices=config.INITS)
     add(g, "--init-scale", "kernel init multiplier (< 1 provokes vanishing gradients)", type=float)
     add(g, "--batch-norm", "batch normalisation after each hidden layer", action="store_true")
     add(g, "--dropout", "dropout rate before the output layer", type=float)

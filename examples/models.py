@@ -149,14 +149,15 @@ def build(
     depth: int = 2,
     width: int = 128,
     activation: str = "relu",
-    init: str = "he",
+    init: str | None = None,
     init_scale: float = 1.0,
     channels: tuple[int, int] = (32, 64),
     batch_norm: bool = False,
     dropout: float = 0.0,
     bn_axis_name: str | None = None,
 ) -> nnx.Module:
-    """The model called `name` (`mlp` or `cnn`), initialised from `seed`.
+    """The model called `name` (`mlp` or `cnn`), initialised from `seed`; `init=None` is He for
+    the MLP and LeCun (Flax's default) for the CNN.
 
     Keys use the `rbg` generator: XLA compiles threefry's unrolled rounds slowly on CPU (about 4 s
     against 1 s for this initialisation), and either is bitwise reproducible on one machine.
@@ -166,13 +167,13 @@ def build(
         in_features = image_shape[0] * image_shape[1] * image_shape[2]
         return MLP(
             in_features, num_classes, depth=depth, width=width, activation=activation,
-            init=init, init_scale=init_scale, batch_norm=batch_norm, dropout=dropout,
+            init=init or "he", init_scale=init_scale, batch_norm=batch_norm, dropout=dropout,
             bn_axis_name=bn_axis_name, rngs=rngs,
         )  # fmt: skip
     if name == "cnn":
         return CNN(
             image_shape, num_classes, channels=channels, hidden=width, batch_norm=batch_norm,
-            dropout=dropout, activation=activation, init=init, init_scale=init_scale,
+            dropout=dropout, activation=activation, init=init or "lecun", init_scale=init_scale,
             bn_axis_name=bn_axis_name, rngs=rngs,
         )  # fmt: skip
     raise UsageError(f"`--model` must be 'mlp' or 'cnn', got {name!r}.")
