@@ -66,11 +66,10 @@ def learning_rate(cfg: Config) -> optax.Schedule:
     if cfg.lr_schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=0.0)
     if cfg.lr_schedule == "linear":
-        ramp, decay = (
-            optax.linear_schedule(0.0, lr, warmup),
-            optax.linear_schedule(lr, 0.0, steps - warmup),
+        ramp = optax.linear_schedule(0.0, lr, warmup)
+        return optax.join_schedules(
+            [ramp, optax.linear_schedule(lr, 0.0, steps - warmup)], [warmup]
         )
-        return optax.join_schedules([ramp, decay], [warmup])
     # exponential: decays 100x over the run
     return optax.warmup_exponential_decay_schedule(0.0, lr, warmup, steps - warmup, 0.01)
 
@@ -102,7 +101,8 @@ def create_optimizer(cfg: Config) -> optax.GradientTransformation:
             parts.append(gx_only("add_l1_decay")(cfg.l1, mask=gx.weight_decay_mask))
         if cfg.noise_eta:
             parts.append(lib.add_noise(cfg.noise_eta, cfg.noise_gamma, cfg.seed))
-        tx = lib.chain(*parts, _optimizer(cfg, lib, learning_rate(cfg)))
+        parts.append(_optimizer(cfg, lib, learning_rate(cfg)))
+        tx = parts[0] if len(parts) == 1 else lib.chain(*parts)
         if cfg.stable:  # skip_if(chain(zclip, tx)); its telemetry is the health wrapper below
             tx = gx_only("stable")(tx, telemetry=False)
         elif cfg.on_instability == "skip":  # zero update, optimizer state kept
