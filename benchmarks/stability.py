@@ -5,8 +5,10 @@
     python benchmarks/stability.py --seeds 5 --out benchmarks/results
     python benchmarks/stability.py --proposed             # candidate defaults: *_proposed.*
 
-Data: scikit-learn's 8x8 digits, 1437 train / 360 test (fixed permutation), standardised.
-Model: a ReLU MLP without normalisation, He init (times `init_scale`), batch 64. Settings:
+Data: scikit-learn's 8x8 digits as the example loads them (`examples/data.py`), 1437 train / 360
+test (fixed permutation), standardised; batches in the example's order (`BatchOrder`, batch 64).
+Model: a ReLU MLP without normalisation, He init (times `init_scale`): a pure function, so that
+runs stack as lanes (the example's NNX modules do not). Settings:
 
   healthy   the reference: SGD momentum 0.9 at lr 0.01, and Adam at lr 1e-3
   explode   16x64 MLP, SGD momentum 0.9 at lr 0.05 and 0.1 (1500 steps)
@@ -58,11 +60,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gradxform as gx
 from benchmarks import machine
+from examples import data as example_data
 from gradxform.plots import plot_health
 
 FAIL_LOSS = 2.0
@@ -82,26 +85,17 @@ class Digits:
 
 
 def load_digits() -> Digits:
-    """scikit-learn's bundled digits; the same fixed split as `examples/data.py`."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    d = sk_digits()
-    x, y = d.data.astype(np.float32), d.target.astype(np.int32)
-    order = np.random.default_rng(0).permutation(len(y))
-    test, train = order[:360], order[360:]
-    mean, std = x[train].mean(), x[train].std() + 1e-6
-    scale = lambda a: ((a - mean) / std).astype(np.float32)
-    return Digits(scale(x[train]), y[train], scale(x[test]), y[test])
+    """scikit-learn's bundled digits as the example loads them (`examples/data.py`: the same
+    fixed split and standardisation), flattened to 64 features."""
+    ds = example_data.load("digits")
+    flat = lambda a: a.reshape(len(a), -1)
+    return Digits(flat(ds.x_train), ds.y_train, flat(ds.x_test), ds.y_test)
 
 
 def batch_indices(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
-    """int32 (steps, batch): a fresh permutation per epoch from `default_rng([seed, epoch])`."""
-    per_epoch = n // batch
-    epochs = -(-steps // per_epoch)
-    perms = [
-        np.random.default_rng([seed, e]).permutation(n)[: per_epoch * batch] for e in range(epochs)
-    ]
-    return np.concatenate(perms).reshape(-1, batch)[:steps].astype(np.int32)
+    """int32 (steps, batch): the example's `BatchOrder`, a fresh permutation per epoch."""
+    order = example_data.BatchOrder(n, batch, seed)
+    return np.stack([order.indices(s) for s in range(steps)]).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- model

@@ -1,12 +1,32 @@
-"""The run configuration: every choice that affects the numbers, saved as `config.json`."""
+"""The run configuration: every choice of a run, range-checked, saved as `config.json`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+MODELS = ("mlp", "cnn")
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "tanh", "elu")
+INITS = ("he", "lecun", "glorot", "he_uniform")
+IMPLS = ("gradxform", "optax")
+OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "adamw", "nadam", "amsgrad", "adamax")
+SCHEDULES = ("constant", "cosine", "linear", "exponential")
+PARALLEL = ("none", "pmap", "sharded")
+ON_INSTABILITY = ("stop", "skip", "warn")
+# Fields that do not change the numbers: a resumed run may change them (and `steps`, to extend).
+NOT_NUMERIC = (
+    "data_dir",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "check",
+)
 
 
 class UsageError(ValueError):
@@ -15,7 +35,11 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class Config:
-    """Defaults give the README's first run: a CNN on scikit-learn digits, AdamW, cosine decay."""
+    """Defaults give the README's first run: a CNN on scikit-learn digits, AdamW, cosine decay.
+
+    Constructing one checks every field (`UsageError` naming the flag); `warmup=None` becomes
+    `min(50, steps // 10)`, so that `config.json` always holds the number used.
+    """
 
     # data
     dataset: str = "digits"
@@ -29,8 +53,8 @@ class Config:
     width: int = 128  # MLP hidden width; CNN dense width
     channels: tuple[int, int] = (32, 64)  # CNN conv channels
     activation: str = "relu"
-    init: str = "he"  # MLP kernel initialiser
-    init_scale: float = 1.0  # MLP kernel init multiplier (< 1 provokes vanishing gradients)
+    init: str | None = None  # kernel initialiser; None: He for the MLP, LeCun for the CNN
+    init_scale: float = 1.0  # kernel init multiplier (< 1 provokes vanishing gradients)
     batch_norm: bool = False
     dropout: float = 0.0
     # optimizer
@@ -38,7 +62,7 @@ class Config:
     optimizer: str = "adamw"
     lr: float = 3e-3
     lr_schedule: str = "cosine"
-    warmup: int = 50
+    warmup: int | None = None  # None: min(50, steps // 10)
     momentum: float | None = None
     nesterov: bool = False
     b1: float = 0.9
@@ -64,9 +88,15 @@ class Config:
     check: bool = False
     # logging and checkpoints
     log_every: int = 10
-    eval_every: int = 100
-    checkpoint_every: int = 0
+    eval_every: int = 100  # 0: at the end only
+    checkpoint_every: int = 0  # 0: none (Ctrl-C still saves one)
     keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", min(50, self.steps // 10))
+        object.__setattr__(self, "channels", tuple(self.channels))
+        _validate(self)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -79,8 +109,6 @@ class Config:
             raise UsageError(
                 f"{source} has unknown fields {unknown}; expected a subset of {sorted(names)}."
             )
-        if "channels" in values:
-            values = {**values, "channels": tuple(values["channels"])}
         return cls(**values)
 
     @classmethod
@@ -91,3 +119,81 @@ class Config:
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"Cannot read the run configuration {path}: {e}.") from e
         return cls.from_dict(values, str(path))
+
+
+# ----------------------------------------------------------------------------- range checks
+
+_CHOICES = {
+    "dataset": DATASETS, "model": MODELS, "activation": ACTIVATIONS, "init": INITS,
+    "impl": IMPLS, "optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "parallel": PARALLEL,
+    "on_instability": ON_INSTABILITY,
+}  # fmt: skip
+# field: (lowest, highest, lowest allowed?, highest allowed?); None fields are not checked.
+_RANGES = {
+    "batch_size": (1, math.inf, True, False),
+    "steps": (1, math.inf, True, False),
+    "seed": (0, 2**32 - 1, True, True),
+    "depth": (0, math.inf, True, False),
+    "width": (1, math.inf, True, False),
+    "init_scale": (0, math.inf, False, False),
+    "dropout": (0, 1, True, False),
+    "lr": (0, math.inf, False, False),
+    "warmup": (0, math.inf, True, False),
+    "momentum": (0, 1, True, False),
+    "b1": (0, 1, True, False),
+    "b2": (0, 1, True, False),
+    "eps": (0, math.inf, True, False),
+    "rms_decay": (0, 1, True, False),
+    "weight_decay": (0, math.inf, True, False),
+    "l1": (0, math.inf, True, False),
+    "clip_value": (0, math.inf, False, False),
+    "clip_global_norm": (0, math.inf, False, False),
+    "clip_leaf_norm": (0, math.inf, False, False),
+    "clip_block_rms": (0, math.inf, False, False),
+    "agc": (0, math.inf, False, False),
+    "noise_eta": (0, math.inf, True, False),
+    "noise_gamma": (0, math.inf, True, False),
+    "max_grad_norm": (0, math.inf, False, False),
+    "log_every": (1, math.inf, True, False),
+    "eval_every": (0, math.inf, True, False),
+    "checkpoint_every": (0, math.inf, True, False),
+    "keep_checkpoints": (1, math.inf, True, False),
+}
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a `Config` field, in backticks: `--batch-size`."""
+    return f"`--{field.replace('_', '-')}`"
+
+
+def _range_text(low, high, low_ok: bool, high_ok: bool) -> str:
+    if high == math.inf:
+        return f"at least {low}" if low_ok else f"greater than {low}"
+    return f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+
+
+def _validate(cfg: Config) -> None:
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices and not (name == "init" and cfg.init is None):
+            raise UsageError(
+                f"{flag(name)} must be one of {', '.join(choices)}; got {getattr(cfg, name)!r}."
+            )
+    for name, (low, high, low_ok, high_ok) in _RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        inside = (low <= value if low_ok else low < value) and (
+            value <= high if high_ok else value < high
+        )
+        if isinstance(value, bool) or not isinstance(value, int | float) or not inside:
+            raise UsageError(
+                f"{flag(name)} must be {_range_text(low, high, low_ok, high_ok)}; got {value!r}."
+            )
+    if len(cfg.channels) != 2 or any(not isinstance(c, int) or c < 1 for c in cfg.channels):
+        given = ",".join(map(str, cfg.channels))
+        raise UsageError(f"`--channels` must be two positive integers like 32,64; got {given}.")
+    if cfg.warmup >= cfg.steps and cfg.lr_schedule != "constant":
+        raise UsageError(
+            f"`--warmup` ({cfg.warmup}) must be smaller than `--steps` ({cfg.steps}) "
+            f"with `--lr-schedule {cfg.lr_schedule}`."
+        )

@@ -25,8 +25,7 @@ import jax
 import numpy as np
 
 from examples import data as data_lib
-from examples import loop, optim
-from examples import step as step_lib
+from examples import train
 from examples.config import Config
 
 
@@ -34,10 +33,10 @@ class Timed:
     """A compiled train step with its state and batches, timed in blocks of `steps` steps."""
 
     def __init__(self, cfg: Config, data: data_lib.Dataset, steps: int, cached: bool = False):
-        graphdef, state = loop.build(cfg, data)
-        self.runner = step_lib.make_runner(
+        graphdef, state = train.create_train_state(cfg, data)
+        self.runner = train.make_runner(
             cfg.parallel, graphdef, cfg.batch_size, num_classes=data.num_classes, seed=cfg.seed,
-            schedule=optim.learning_rate(cfg),
+            schedule=train.learning_rate(cfg),
         )  # fmt: skip
         self.state, self.steps, self.data = self.runner.put_state(state), steps, data
         self.order = data_lib.BatchOrder(len(data.y_train), cfg.batch_size, cfg.seed)

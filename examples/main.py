@@ -1,4 +1,7 @@
-"""Command line of `examples/train.py`: flags -> `Config` -> `loop.train` -> printed summary.
+"""Command line of the example: flags -> `Config` -> `train.train_and_evaluate` -> summary.
+
+Exit status: 0 trained, 1 failed or stopped (instability), 2 a usage or file error, 130 Ctrl-C
+(after saving a checkpoint). `summary.json` is written on every exit of a run.
 
 Several hosts (`--distributed`): start the same command on every host with
 `--parallel sharded` (or `pmap`) and `--distributed`, which calls `jax.distributed.initialize()`.
@@ -6,8 +9,8 @@ On Cloud TPU, SLURM and Open MPI, JAX detects the coordinator, the process count
 process's id by itself. Elsewhere pass them on each host:
 `--coordinator-address host0:1234 --num-processes <hosts> --process-id <0..hosts-1>` (of these,
 JAX reads only the address from the environment, as `JAX_COORDINATOR_ADDRESS`). Every process
-reads the same data and takes its own slice of each global batch; process 0 writes the run
-directory (put it on storage all hosts can read to `--resume`).
+reads the same data and takes its own slice of each global batch; only process 0 reads and
+writes the `--run-dir`, so one directory on shared storage serves the whole job and `--resume`.
 """
 
 from __future__ import annotations
@@ -19,15 +22,32 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Config, UsageError
+if __package__ in (None, ""):  # run as a script: make `examples` and `gradxform` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from examples import config
+from examples.config import NOT_NUMERIC, Config, UsageError
 
 _D = Config()
+PROG = "python examples/train.py"
 _CLUSTER = ("coordinator_address", "num_processes", "process_id")  # jax.distributed.initialize
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other error of the example
+        self.exit(2, f"error: {message} (see `{PROG} --help`)\n")
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 32,64, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python examples/train.py",
+    p = _Parser(
+        prog=PROG,
         description="Train a Flax NNX MLP or CNN with a gradxform optimizer (defaults: a CNN on "
         "scikit-learn's 8x8 digits, AdamW with a cosine schedule, under a minute on a CPU).",
         epilog=__doc__.split("\n\n", 1)[1],
@@ -43,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         group.add_argument(flag, help=help, **kw)
 
     g = p.add_argument_group("data")
-    add(g, "--dataset", "data set", choices=["digits", "mnist", "fashion_mnist", "cifar10"])
+    add(g, "--dataset", "data set", choices=config.DATASETS)
     add(
         g,
         "--data-dir",
@@ -54,19 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     add(g, "--seed", "seed for initialisation, data order, dropout and noise", type=int)
 
     g = p.add_argument_group("model")
-    add(g, "--model", "architecture", choices=["mlp", "cnn"])
+    add(g, "--model", "architecture", choices=config.MODELS)
     add(g, "--depth", "MLP hidden layers", type=int)
     add(g, "--width", "MLP hidden width / CNN dense width", type=int)
     add(
         g,
         "--channels",
         "CNN conv channels, e.g. 32,64",
-        type=lambda s: tuple(int(c) for c in s.split(",")),
+        type=_channels,
     )
-    add(g, "--activation", "activation", choices=["relu", "gelu", "silu", "tanh", "elu"])
-    add(g, "--init", "MLP kernel initialiser", choices=["he", "lecun", "glorot", "he_uniform"])
-    add(g, "--init-scale", "MLP kernel init multiplier", type=float)
-    add(g, "--batch-norm", "CNN batch normalisation", action="store_true")
+    add(g, "--activation", "activation", choices=config.ACTIVATIONS)
+    add(g, "--init", "kernel initialiser (None: MLP he, CNN lecun)", choices=config.INITS)
+    add(g, "--init-scale", "kernel init multiplier (< 1 provokes vanishing gradients)", type=float)
+    add(g, "--batch-norm", "batch normalisation after each hidden layer", action="store_true")
     add(g, "--dropout", "dropout rate before the output layer", type=float)
 
     g = p.add_argument_group("optimizer")
@@ -74,22 +94,22 @@ def _parser() -> argparse.ArgumentParser:
         g,
         "--impl",
         "library building the chain (optax: to compare)",
-        choices=["gradxform", "optax"],
+        choices=config.IMPLS,
     )
     add(
         g,
         "--optimizer",
         "optimizer",
-        choices=["sgd", "adagrad", "rmsprop", "adam", "adamw", "nadam", "amsgrad", "adamax"],
+        choices=config.OPTIMIZERS,
     )
     add(g, "--lr", "peak learning rate", type=float)
     add(
         g,
         "--lr-schedule",
         "schedule after warm-up",
-        choices=["constant", "cosine", "linear", "exponential"],
+        choices=config.SCHEDULES,
     )
-    add(g, "--warmup", "linear warm-up steps", type=int)
+    add(g, "--warmup", "linear warm-up steps (None: min(50, steps // 10))", type=int)
     add(g, "--momentum", "SGD/RMSprop momentum", type=float)
     add(g, "--nesterov", "Nesterov momentum (SGD, RMSprop, Adam family)", action="store_true")
     add(g, "--b1", "Adam beta1", type=float)
@@ -116,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("parallelism")
-    add(g, "--parallel", "data parallelism over all devices", choices=["none", "pmap", "sharded"])
+    add(g, "--parallel", "data parallelism over all devices", choices=config.PARALLEL)
     g.add_argument(
         "--distributed",
         action="store_true",
@@ -131,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         g,
         "--on-instability",
         "on a non-finite loss/gradient or a norm above --max-grad-norm",
-        choices=["stop", "skip", "warn"],
+        choices=config.ON_INSTABILITY,
     )
     add(g, "--max-grad-norm", "global gradient norm counted as an explosion", type=float)
     add(
@@ -149,68 +169,111 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue RUN_DIR from its latest checkpoint with its config.json",
+        help="continue RUN_DIR from its latest checkpoint with its config.json; only "
+        "`--steps` (to train longer) and the logging and checkpoint flags may change",
     )
     add(g, "--log-every", "steps per metrics.jsonl line", type=int)
     add(g, "--eval-every", "steps between test evaluations (0: at the end only)", type=int)
-    add(g, "--checkpoint-every", "steps between checkpoints (0: none)", type=int)
+    add(g, "--checkpoint-every", "steps between checkpoints (0: none; Ctrl-C saves one)", type=int)
     add(g, "--keep-checkpoints", "newest checkpoints kept", type=int)
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (when stderr is not a terminal: a line per tenth of the run)",
+    )
     return p
 
 
-def parse(argv: Sequence[str] | None = None) -> tuple[Config, Path, bool, argparse.Namespace]:
-    """`(config, run directory, resume?, namespace)` from the command line."""
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The namespace of the flags given (unset ones are absent); cluster flags checked."""
     args = _parser().parse_args(argv)
     cluster = [f"`--{k.replace('_', '-')}`" for k in _CLUSTER if hasattr(args, k)]
     if cluster and not getattr(args, "distributed", False):
         raise UsageError(f"{', '.join(cluster)} only apply with `--distributed`.")
+    return args
+
+
+def configure(args: argparse.Namespace) -> tuple[Config, Path, bool]:
+    """`(config, run directory, resume?)`. On `--resume`, process 0 reads the run's
+    `config.json`; the flags may extend `--steps` and change logging and checkpoints only."""
     given = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)
     }
     resume = getattr(args, "resume", None)
     if resume is None:
         cfg = Config(**given)
-        default_dir = (
-            f"runs/{cfg.dataset}-{cfg.model}-{cfg.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-        return cfg, Path(getattr(args, "run_dir", default_dir)), False, args
-    cfg = Config.load(Path(resume) / "config.json")
-    conflicts = {k: (v, getattr(cfg, k)) for k, v in given.items() if getattr(cfg, k) != v}
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        default_dir = f"runs/{cfg.dataset}-{cfg.model}-{cfg.optimizer}-{stamp}"
+        return cfg, Path(getattr(args, "run_dir", default_dir)), False
+    from examples.runlog import from_process_0
+
+    saved = Config.from_dict(
+        from_process_0(lambda: dataclasses.asdict(Config.load(Path(resume) / "config.json")))
+    )
+    free = (*NOT_NUMERIC, "steps")
+    conflicts = {
+        k: (v, getattr(saved, k))
+        for k, v in given.items()
+        if k not in free and getattr(saved, k) != v
+    }
     if conflicts or hasattr(args, "run_dir"):
         raise UsageError(
             f"`--resume {resume}` continues with that run's config.json; these flags disagree "
-            f"with it (given, saved): {conflicts or {'run_dir': args.run_dir}}. Drop them, or "
-            "start a new run."
+            f"with it (given, saved): {conflicts or {'run_dir': args.run_dir}}. Drop them "
+            "(only `--steps` and the logging and checkpoint flags may change), or start a new run."
         )
-    return cfg, Path(resume), True, args
+    changes = {k: v for k, v in given.items() if k in free}
+    return dataclasses.replace(saved, **changes), Path(resume), True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv`; the exit status."""
     try:
-        cfg, run_dir, resume, args = parse(argv)
+        args = parse(argv)
+    except SystemExit as e:  # --help, or a flag argparse rejects (one line printed)
+        return e.code
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if getattr(args, "distributed", False):
-        import jax
-
-        cluster = {k: getattr(args, k) for k in _CLUSTER if hasattr(args, k)}
-        jax.distributed.initialize(**cluster)  # unset ones: JAX's cluster detection decides
-
-    from . import checkpoint, data, health, loop  # imports jax: after argument errors are out
-
     try:
-        summary = loop.train(
-            cfg, run_dir, resume=resume, progress=not getattr(args, "no_progress", False)
-        )
-    except health.InstabilityError as e:
-        print(f"\nstopped: {e}\n(see {run_dir}/metrics.jsonl and grad_norms.png)", file=sys.stderr)
-        return 1
-    except (UsageError, data.DataError, checkpoint.CheckpointError, FileExistsError) as e:
+        if getattr(args, "distributed", False):
+            import jax
+
+            cluster = {k: getattr(args, k) for k in _CLUSTER if hasattr(args, k)}
+            jax.distributed.initialize(**cluster)  # unset ones: JAX's cluster detection decides
+        cfg, run_dir, resume = configure(args)
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = summary
+    from examples import data, runlog, train  # imports jax: after argument errors are out
+
+    try:
+        summary = train.train_and_evaluate(
+            cfg, run_dir, resume=resume, progress=not getattr(args, "no_progress", False)
+        )
+    except runlog.InstabilityError as e:
+        print(f"\nstopped: {e}\n(see {run_dir}/metrics.jsonl and grad_norms.png)", file=sys.stderr)
+        return 1
+    except train.Interrupted as e:
+        s = e.summary
+        saved = f"checkpoint {s['checkpoint']}" if s["checkpoint"] else "no checkpoint"
+        print(
+            f"\ninterrupted at step {s['steps_done']} ({saved}); continue with:\n"
+            f"  {PROG} --resume {run_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    except KeyboardInterrupt:  # before the first step: nothing to save
+        print("\ninterrupted before training started; nothing saved", file=sys.stderr)
+        return 130
+    except (UsageError, data.DataError, runlog.CheckpointError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_summary(summary)
+    return 0 if summary["status"] == "completed" else 1
+
+
+def _print_summary(s: dict) -> None:
     acc = "n/a" if s["test_accuracy"] is None else f"{s['test_accuracy']:.4f}"
     rate = "n/a" if s["steps_per_s"] is None else f"{s['steps_per_s']:.1f}"
     print(
@@ -220,4 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"gradient health  {s['health']}\n"
         f"run directory    {s['run_dir']}"
     )
-    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
