@@ -1,6 +1,8 @@
 """gx.lbfgs against optax.lbfgs iterate by iterate; its line search, records and dtypes;
 gx.minimize's loop, fields, compilation cache and extra arguments."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -354,3 +356,33 @@ def test_minimize_works_inside_vmap():
         )
     )
     np.testing.assert_allclose(solve(targets), targets, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_quick_mode_writes_the_claimed_columns(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import lbfgs as bench
+
+    argv = ["--quick", "--problems", "rosenbrock", "--repeats", "1", "--out", str(tmp_path)]
+    result = bench.main(argv)
+    saved = json.loads((tmp_path / "lbfgs.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert [r["solver"] for r in saved["rows"]] == ["gx.minimize", "scipy L-BFGS-B", "optax loop"]
+    for row in saved["rows"]:
+        assert set(bench.COLUMNS) <= set(row)
+        assert (
+            row["value"] < 1e-8 and row["iterations"] > 10 and row["fun_evals"] >= row["iterations"]
+        )
+        assert row["compile_s"] >= 0 and row["steady_ms"] > 0
+    ours, _, theirs = saved["rows"]
+    assert ours["value"] == pytest.approx(theirs["value"], rel=1e-9, abs=1e-20)
+    assert ours["fun_evals"] == theirs["fun_evals"]  # same maths, same points
+    assert len(saved["goals"]) == 3 and saved["machine"]["scipy"]
+    table = (tmp_path / "lbfgs.md").read_text()
+    assert table.startswith("| problem | solver | final value | iterations | f evals |")
+    assert not jax.config.jax_enable_x64  # the benchmark's float64 is scoped
