@@ -158,19 +158,14 @@ def scale_by_lbfgs(
             raise ValueError("`scale_by_lbfgs` needs `params`: call `tx.update(g, state, params)`.")
         started = state.count > 0
         newest = (state.count - 1) % memory_size  # the slot this step's pair goes into
-        s = jax.tree.map(lambda p, q: jnp.where(started, p - q, 0).astype(q.dtype), params,
-                         state.params)  # fmt: skip
-        y = jax.tree.map(lambda g, h: jnp.where(started, g - h, 0).astype(h.dtype), updates,
-                         state.updates)  # fmt: skip
+        s, y = _diff(params, state.params, started), _diff(updates, state.updates, started)
         sy = _vdot(s, y).astype(state.weights_memory.dtype)
         rho = jnp.where(sy == 0, 0.0, 1.0 / sy).astype(sy.dtype)
         state = state._replace(
-            diff_params_memory=jax.tree.map(lambda m, x: m.at[newest].set(x),
-                                            state.diff_params_memory, s),
-            diff_updates_memory=jax.tree.map(lambda m, x: m.at[newest].set(x),
-                                             state.diff_updates_memory, y),
+            diff_params_memory=_store(state.diff_params_memory, newest, s),
+            diff_updates_memory=_store(state.diff_updates_memory, newest, y),
             weights_memory=state.weights_memory.at[newest].set(rho),
-        )  # fmt: skip
+        )
         gamma = _initial_scale(updates, s, y, sy, started) if scale_init_precond else 1.0
         gamma = jnp.asarray(gamma, sy.dtype)
         direction = _two_loop(updates, state, gamma, newest)
@@ -183,6 +178,16 @@ def scale_by_lbfgs(
         )
 
     return gradient_transformation(init, update)
+
+
+def _diff(new: Updates, old: Updates, started: jax.Array) -> Updates:
+    """`new - old` leaf by leaf in `old`'s dtype; zeros before the first step."""
+    return jax.tree.map(lambda a, b: jnp.where(started, a - b, 0).astype(b.dtype), new, old)
+
+
+def _store(memory: Updates, slot: jax.Array, tree: Updates) -> Updates:
+    """`tree` written into row `slot` of the stacked `memory`."""
+    return jax.tree.map(lambda m, x: m.at[slot].set(x), memory, tree)
 
 
 def _initial_scale(g, s, y, sy, started) -> jax.Array:

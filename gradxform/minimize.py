@@ -92,7 +92,8 @@ def minimize(
     tx = _default_tx() if tx is None else tx
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"`tx` must be a gradient transformation, got {type(tx).__name__}.")
-    return _solve(fun, tx, params, args, jnp.asarray(max_steps), jnp.asarray(tol, jnp.float32))
+    steps, tol = jnp.asarray(max_steps, jnp.int32), jnp.asarray(tol, jnp.float32)
+    return _solve(fun, tx, params, args, steps, tol)
 
 
 @functools.cache

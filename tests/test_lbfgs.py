@@ -118,10 +118,10 @@ def test_scale_by_lbfgs_reduces_in_float32_for_bfloat16():
     a = np.diag(np.logspace(0, 2, 512))
     ws = [rng.normal(size=512) * 3.0**-t for t in range(6)]
     tx = gx.scale_by_lbfgs(memory_size=4)
-    state = tx.init(jnp.zeros(512, jnp.bfloat16))
+    state, update = tx.init(jnp.zeros(512, jnp.bfloat16)), jax.jit(tx.update)
     directions = []
     for w in ws:
-        d, state = tx.update(jnp.asarray(a @ w, jnp.bfloat16), state, jnp.asarray(w, jnp.bfloat16))
+        d, state = update(jnp.asarray(a @ w, jnp.bfloat16), state, jnp.asarray(w, jnp.bfloat16))
         directions.append(d)
     assert state.weights_memory.dtype == state.record.curvature.dtype == jnp.float32
     assert directions[-1].dtype == jnp.bfloat16
@@ -344,6 +344,19 @@ def test_minimize_runs_first_order_optimizers_and_stops_at_max_steps():
         w = optax.apply_updates(w, u)
     assert_trees_close(result.params, w, rtol=1e-5, atol=1e-6)
     assert gx.minimize(fn, params, args=args, max_steps=0).steps == 0
+
+
+def test_minimize_keeps_bfloat16_params_and_converges():
+    target = jnp.linspace(-1.0, 1.0, 16)
+
+    def fn(w):
+        return jnp.sum((w.astype(jnp.float32) - target) ** 2 * jnp.logspace(0, 2, 16))
+
+    result = gx.minimize(fn, jnp.zeros(16, jnp.bfloat16), max_steps=50, tol=1e-2)
+    assert result.params.dtype == jnp.bfloat16 and result.value.dtype == jnp.float32
+    # to bfloat16's resolution (2**-7 near 1): steps below half of it round away
+    np.testing.assert_allclose(np.asarray(result.params, np.float32), target, atol=3 * 2**-7)
+    assert result.value < 1e-3 * fn(jnp.zeros(16))
 
 
 def test_minimize_works_inside_vmap():
