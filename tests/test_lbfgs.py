@@ -391,7 +391,7 @@ def test_benchmark_quick_mode_writes_the_claimed_columns(tmp_path):
         assert (
             row["value"] < 1e-8 and row["iterations"] > 10 and row["fun_evals"] >= row["iterations"]
         )
-        assert row["compile_s"] >= 0 and row["steady_ms"] > 0
+        assert row["compile_s"] >= 0 and row["steady_ms"] > 0 and row["eval_floor_ms"] > 0
     ours, _, theirs = saved["rows"]
     assert ours["value"] == pytest.approx(theirs["value"], rel=1e-9, abs=1e-20)
     assert ours["fun_evals"] == theirs["fun_evals"]  # same maths, same points
