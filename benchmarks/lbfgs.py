@@ -13,7 +13,8 @@ Solvers, each with memory 10 and the same gradient-norm tolerance, up to `max_st
   gx.minimize  `gx.minimize(f, params, args=data, tx=gx.lbfgs())`: one `jax.jit` of a
                `lax.while_loop`
   scipy        `scipy.optimize.minimize(method="L-BFGS-B", jac=True)` on a jitted
-               `value_and_grad` of the flattened params (`gtol` = the tolerance); BLAS is
+               `value_and_grad` of the flattened params, stopping on the same rule (gradient
+               L2 norm <= tol, by a callback; scipy's `gtol` and `ftol` off); BLAS is
                held to one thread (threaded BLAS on these small vectors made scipy 30-100x
                slower on a loaded 2-core machine)
   optax loop   the loop of `optax.lbfgs`'s docstring with the step jitted: a Python for-loop,
@@ -124,14 +125,26 @@ def scipy_solver(f, params, max_steps, tol):
         return jax.value_and_grad(lambda v: f(unravel(v), *data))(flat)
 
     def solve(params, data):
+        last_grad_norm = [np.inf]
+
         def fun(v):
             value, grad = value_and_grad(jnp.asarray(v), data)
-            return float(value), np.asarray(grad)
+            grad = np.asarray(grad)
+            last_grad_norm[0] = float(np.linalg.norm(grad))
+            return float(value), grad
 
-        options = {"maxiter": max_steps, "gtol": tol, "maxcor": 10}
+        def stop_like_the_others(intermediate_result):
+            del intermediate_result  # the last point evaluated is the accepted one
+            if last_grad_norm[0] <= tol:
+                raise StopIteration
+
+        options = {"maxiter": max_steps, "gtol": 0.0, "ftol": 0.0, "maxcor": 10}
         x0 = np.asarray(ravel_pytree(params)[0])
         with threadpool_limits(1):  # threaded BLAS on tiny vectors is 30-100x slower here
-            r = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", options=options)
+            r = scipy.optimize.minimize(
+                fun, x0, jac=True, method="L-BFGS-B", options=options,
+                callback=stop_like_the_others,
+            )  # fmt: skip
         return float(r.fun), int(r.nit), int(r.nfev)
 
     return solve
