@@ -33,6 +33,7 @@ class _Carry(NamedTuple):
     grad: Params
     steps: jax.Array
     fun_evals: jax.Array
+    moved: jax.Array  # bool: the last update was not all zeros
 
 
 def minimize(
@@ -50,7 +51,8 @@ def minimize(
     w <- w + u; then f(w) and g = grad f(w) are taken from the state when a line search left
     them there (`state.value`, `state.grad`, as `optax.value_and_grad_from_state` does: no
     evaluation is repeated), else computed once. It stops when ||g|| <= `tol` (float32 norm),
-    after `max_steps` steps, or when the value is not finite.
+    after `max_steps` steps, when the value is not finite, or when a step leaves the params
+    where they were (a line search that found no finite point with a lower value).
 
     Any transform works: `gx.lbfgs()` (default), `optax.lbfgs()`, or a first-order optimizer
     such as `gx.adam(1e-2)` (the extra arguments are ignored by transforms that take none).
@@ -108,12 +110,12 @@ def _solve(fun, tx, params, args, max_steps, tol) -> MinimizeResult:
 
     value, grad = jax.value_and_grad(value_fn)(params)
     value = _wide(value)
-    start = _Carry(
-        params, tx.init(params), value, grad, jnp.zeros([], jnp.int32), jnp.ones([], jnp.int32)
-    )
+    one, true = jnp.ones([], jnp.int32), jnp.ones([], bool)
+    start = _Carry(params, tx.init(params), value, grad, 0 * one, one, true)
 
     def going(c: _Carry) -> jax.Array:
-        return (c.steps < max_steps) & (global_norm(c.grad) > tol) & jnp.isfinite(c.value)
+        under_budget = (c.steps < max_steps) & c.moved
+        return under_budget & (global_norm(c.grad) > tol) & jnp.isfinite(c.value)
 
     def step(c: _Carry) -> _Carry:
         updates, state = tx.update(
@@ -121,7 +123,8 @@ def _solve(fun, tx, params, args, max_steps, tol) -> MinimizeResult:
         )
         params = optax.apply_updates(c.params, updates)
         value, grad, evals = _value_and_grad_after(value_fn, params, state, c)
-        return _Carry(params, state, value, grad, c.steps + 1, c.fun_evals + evals)
+        moved = global_norm(updates) > 0
+        return _Carry(params, state, value, grad, c.steps + 1, c.fun_evals + evals, moved)
 
     end = jax.lax.while_loop(going, step, start)
     norm = global_norm(end.grad)

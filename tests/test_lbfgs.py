@@ -183,6 +183,9 @@ def test_linesearch_backtracks_from_nan_values_and_stays_put_when_all_fail():
     ours, state = iterates(gx.lbfgs(), nan_everywhere_but_zero, jnp.zeros(2), 2)
     np.testing.assert_array_equal(ours[-1], jnp.zeros(2))
     assert gx.read_health(state)["linesearch/step_size"] == 0.0
+    result = gx.minimize(nan_everywhere_but_zero, jnp.zeros(2), max_steps=50)
+    assert result.steps == 1 and not result.converged  # stalled: stops instead of retrying
+    np.testing.assert_array_equal(result.params, jnp.zeros(2))
 
 
 def test_records_are_read_by_read_health():
