@@ -43,6 +43,7 @@ from gradxform._base import (
 from gradxform.adaptive_clipping import AutoClipState, ScaleBySpamState, ZClipState
 from gradxform.clipping import AdaptiveGradClipState, ClipState
 from gradxform.guards import DynamicLossScaleState, SkipIfState
+from gradxform.lbfgs import LbfgsRecord, LinesearchRecord
 
 # health's scalar statistics, by name. They are packed into two vectors because XLA:CPU
 # gives every state buffer a kernel of its own, plus copies of the donated buffers that other
@@ -368,6 +369,8 @@ def _records(opt_state: Any) -> list[tuple[str, Any]]:
         ScaleBySpamState: "spam",
         SkipIfState: "skip",
         DynamicLossScaleState: "loss_scale",
+        LbfgsRecord: "lbfgs",
+        LinesearchRecord: "linesearch",
     }
     seen: dict[str, int] = {}
     named = []
