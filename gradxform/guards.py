@@ -13,14 +13,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradxform._base import (
     LOG_NORM_MIN_STD,
     GradientTransformationExtraArgs,
     chain,
+    check_integer,
     check_positive,
     check_range,
+    check_transform,
     find_states,
     global_norm,
     gradient_transformation,
@@ -112,13 +115,15 @@ def skip_if(
       >>> u["w"], int(state.skipped_nonfinite)
       (Array([0., 0.], dtype=float32), 1)
     """
-    check_range("norm_z", norm_z, 0.0, low_open=True)
-    check_range("max_norm_ratio", max_norm_ratio, 1.0, low_open=True)
-    check_range("max_norm", max_norm, 0.0, low_open=True)
-    check_range("loss_z", loss_z, 0.0, low_open=True)
-    check_range("window", window, 1)
-    check_range("warmup_steps", warmup_steps, 1, window)
-    check_range("give_up_after", give_up_after, 1)
+    check_transform("inner", inner)
+    bound = dict(finite=False, optional=True)  # a bound: None (or inf) turns it off
+    check_positive("norm_z", norm_z, **bound)
+    check_range("max_norm_ratio", max_norm_ratio, 1.0, low_open=True, **bound)
+    check_positive("max_norm", max_norm, **bound)
+    check_positive("loss_z", loss_z, **bound)
+    check_integer("window", window, 1)
+    check_integer("warmup_steps", warmup_steps, 1, window)
+    check_integer("give_up_after", give_up_after, 1, optional=True)
 
     def init(params):
         c = step_counter  # every leaf its own buffer, so the state can be donated
@@ -150,7 +155,12 @@ def skip_if(
         loss_spike = jnp.zeros([], bool)
         loss_value = jnp.zeros([], jnp.float32)
         if loss is not None:
-            loss_value = jnp.asarray(loss, jnp.float32).reshape(())
+            if np.shape(loss) != ():
+                raise ValueError(
+                    f"`loss` must be a scalar (the mean loss of the step), got shape "
+                    f"{np.shape(loss)}."
+                )
+            loss_value = jnp.asarray(loss, jnp.float32)
             if nonfinite:
                 bad |= ~jnp.isfinite(loss_value)
             if loss_z is not None:
@@ -228,8 +238,9 @@ def dynamic_loss_scale(
 
     Reference: Micikevicius et al., Mixed Precision Training, 2018.
     """
+    check_transform("inner", inner)
     check_positive("initial_scale", initial_scale)
-    check_range("growth_interval", growth_interval, 1)
+    check_integer("growth_interval", growth_interval, 1)
     check_range("growth_factor", growth_factor, 1.0, low_open=True)
     check_range("backoff_factor", backoff_factor, 0.0, 1.0, low_open=True, high_open=True)
     check_positive("min_scale", min_scale)
@@ -339,7 +350,8 @@ def stable(
       >>> u["w"], gx.read_health(state)["skip/skipped_nonfinite"]
       (Array([0., 0.], dtype=float32), 1.0)
     """
-    check_range("max_update_ratio", max_update_ratio, 0.0, low_open=True)
+    check_transform("optimizer", optimizer)
+    check_positive("max_update_ratio", max_update_ratio, finite=False, optional=True)
     from gradxform.adaptive_clipping import zclip
     from gradxform.clipping import adaptive_grad_clip
     from gradxform.telemetry import health

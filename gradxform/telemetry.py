@@ -25,12 +25,16 @@ from gradxform._base import (
     EmptyState,
     GradientTransformationExtraArgs,
     Moments,
+    abs_sq,
     check_decay,
+    check_integer,
     check_positive,
     check_range,
     check_slots,
+    check_transform,
     find_states,
     gradient_transformation,
+    is_sharded,
     leaf_slots,
     moments_update,
     moments_zscore,
@@ -155,8 +159,8 @@ def health(
       max_growth: bound (> 1) on ||g|| over its slow baseline, or `None`; a norm climbing
         10% a step is flagged ~50 steps in, at ~100x its baseline, long before overflow.
       warmup_steps: finite steps observed before z-scores count.
-      decay: rate of the running moments of log ||g|| after warm-up, in [0, 1).
-      baseline_decay: rate of the slow baseline, in [0, 1) (0.999: ~1000 steps of memory).
+      decay: rate of the running moments of log ||g|| after warm-up, in [0, 1].
+      baseline_decay: rate of the slow baseline, in [0, 1] (0.999: ~1000 steps of memory).
       vanishing_fraction: relative RMS below which a leaf counts as vanishing.
       ratio_floor: update-to-parameter ratio below which a leaf counts as vanishing
         (leaves whose parameters are all zero are exempt).
@@ -171,15 +175,17 @@ def health(
       >>> gx.read_health(state)["health/global_norm"]
       1.0
     """
-    check_positive("z_threshold", z_threshold)
-    check_range("max_norm", max_norm, 0.0, low_open=True)
+    if inner is not None:
+        check_transform("inner", inner)
+    check_positive("z_threshold", z_threshold, finite=False)
+    check_positive("max_norm", max_norm, finite=False, optional=True)
     check_decay("decay", decay)
     check_decay("baseline_decay", baseline_decay)
-    check_range("max_growth", max_growth, 1.0, low_open=True)
+    check_range("max_growth", max_growth, 1.0, low_open=True, finite=False, optional=True)
     check_range("vanishing_fraction", vanishing_fraction, 0.0, 1.0)
     check_range("ratio_floor", ratio_floor, 0.0)
-    check_range("patience", patience, 1)
-    check_range("warmup_steps", warmup_steps, 0)
+    check_integer("patience", patience, 1)
+    check_integer("warmup_steps", warmup_steps, 0)
 
     def init(params):
         n = len(jax.tree.leaves(params))
@@ -284,8 +290,9 @@ _BLOCK = 4096  # rows of a blocked reduction: one pass, float32 error ~1e-6 at 2
 
 def _terms(g: jax.Array, p: jax.Array | None, u: jax.Array | None) -> tuple:
     wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    out = [wide(g) ** 2, (~jnp.isfinite(g)).astype(jnp.int32), (g == 0).astype(jnp.int32)]
-    return tuple(out if p is None else [*out, wide(p) ** 2, wide(u) ** 2])
+    squares = lambda x: abs_sq(wide(x))
+    out = [squares(g), (~jnp.isfinite(g)).astype(jnp.int32), (g == 0).astype(jnp.int32)]
+    return tuple(out if p is None else [*out, squares(p), squares(u)])
 
 
 def _reduce(operands: tuple, axes: tuple[int, ...]) -> tuple:
@@ -332,10 +339,11 @@ def _per_leaf_sums(g: list, p: list | None = None, u: list | None = None) -> lis
             jnp.zeros([0], jnp.float32)
         ] * 2
     at = lambda idx: [None if xs is None else [xs[i] for i in idx] for xs in (g, p, u)]
-    large = [i for i in range(n) if g[i].size > _BLOCK]
+    alone = [i for i in range(n) if is_sharded(g[i])]  # cannot be flattened or stacked
+    large = [i for i in range(n) if g[i].size > _BLOCK and i not in alone]
     groups: list[list[int]] = []
     real = 0  # elements of the open group, before padding
-    for i in sorted(set(range(n)) - set(large), key=lambda i: g[i].size):
+    for i in sorted(set(range(n)) - set(large) - set(alone), key=lambda i: g[i].size):
         padded = (len(groups[-1]) + 1) * g[i].size if groups else 0
         if not groups or padded > SMALL_GROUP or padded > 2 * (real + g[i].size):
             groups.append([])
@@ -347,7 +355,11 @@ def _per_leaf_sums(g: list, p: list | None = None, u: list | None = None) -> lis
     for i in large:
         one = [None if xs is None else xs[i] for xs in (g, p, u)]
         pieces.append([jnp.reshape(s, 1) for s in leaf_sums(*one)])
-    order = np.argsort([i for idx in groups for i in idx] + large)  # back to the leaves' order
+    for i in alone:
+        one = [None if xs is None else xs[i] for xs in (g, p, u)]
+        sums = _reduce(_terms(*one), tuple(range(g[i].ndim)))
+        pieces.append([jnp.reshape(s, 1) for s in sums])
+    order = np.argsort([i for idx in groups for i in idx] + large + alone)  # leaves order
     stats = [jnp.concatenate(column)[order] for column in zip(*pieces, strict=True)]
     return stats if p is not None else [*stats, *[jnp.zeros([n], jnp.float32)] * 2]
 
