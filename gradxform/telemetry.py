@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import checkify
 
 from gradxform._base import (
@@ -33,6 +34,7 @@ from gradxform._base import (
     check_slots,
     check_transform,
     find_states,
+    global_norm,
     gradient_transformation,
     is_sharded,
     leaf_slots,
@@ -441,6 +443,8 @@ def read_health(opt_state: Any) -> dict[str, float]:
       {'clip/norm': 5.0, 'clip/threshold': 1.0, 'clip/clipped': 1.0}
     """
     out: dict[str, float] = {}
+    if find_states(opt_state, SkipIfState):
+        out["skip/stalled"] = float(_stalled(opt_state) is not None)
     for name, record in _fetched_records(opt_state):
         if isinstance(record, HealthState):
             for field in (
@@ -492,6 +496,37 @@ class VanishingGradientError(GradientHealthError):
     """Some layers' gradients stayed negligible compared with the others' for many steps."""
 
 
+class StalledTrainingError(GradientHealthError):
+    """A guard skips every step and will go on doing so: training has silently stopped."""
+
+
+def _stalled(opt_state: Any) -> str | None:
+    """Why the guarded steps can no longer be accepted, or None.
+
+    A guard inside `optax.MultiSteps` sees the accumulated gradient: one non-finite micro-batch
+    makes the accumulator non-finite for good, and the guard then skips every later step. A
+    guard that has skipped a whole window of consecutive steps is reported too.
+    """
+    for multi in find_states(opt_state, optax.MultiStepsState):
+        guarded = find_states(multi.inner_opt_state, SkipIfState)
+        if guarded and not bool(jnp.isfinite(global_norm(multi.acc_grads))):
+            return (
+                "a guard inside `optax.MultiSteps`, whose gradient accumulator now holds "
+                "NaN/inf: every later step will be skipped. Put the guard outside the "
+                "accumulation, `gx.skip_if(optax.MultiSteps(opt, k))`, so it refuses the bad "
+                "micro-batch before it is accumulated"
+            )
+    for skip in find_states(opt_state, SkipIfState):
+        window, consecutive = skip.norms.shape[-1], int(np.max(np.asarray(skip.consecutive)))
+        if consecutive >= window:
+            return (
+                f"{consecutive} consecutive steps skipped, a whole window of {window}: check "
+                "the data and the loss for NaN/inf, or pass `give_up_after=` to accept a "
+                "lasting change of scale"
+            )
+    return None
+
+
 def _top(tree: Any, k: int = 3, reverse: bool = True) -> list[tuple[str, float]]:
     items = [(_leaf_name(p), _scalar(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
     key = lambda item: (math.isfinite(item[1]), item[1]) if reverse else item[1]
@@ -505,6 +540,7 @@ def assert_healthy(
     check_exploding: bool = True,
     check_vanishing: bool = True,
     max_norm: float | None = None,
+    check_stalled: bool = True,
 ) -> None:
     """Raise if any health record in `opt_state` flags a problem on its last step.
 
@@ -519,6 +555,9 @@ def assert_healthy(
       check_exploding: raise on the exploding flag (or `max_norm`) of a finite step.
       check_vanishing: raise on the vanishing flag.
       max_norm: an extra absolute bound on the global norm, checked here.
+      check_stalled: raise `StalledTrainingError` when a `skip_if` guard skips every step
+        for good (a guard inside `optax.MultiSteps` after a non-finite micro-batch, or a
+        whole window of consecutive skips).
 
     Examples:
       >>> import gradxform as gx, jax.numpy as jnp
@@ -529,6 +568,9 @@ def assert_healthy(
       ...
       gradxform.telemetry.NonFiniteGradientError: Non-finite gradient at step 1: ...
     """
+    reason = _stalled(opt_state) if check_stalled else None
+    if reason is not None:
+        raise StalledTrainingError(f"Training has stalled: {reason}.")
     for name, record in _fetched_records(opt_state):
         if not isinstance(record, HealthState):
             continue
