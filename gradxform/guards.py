@@ -91,6 +91,12 @@ def skip_if(
     With `give_up_after=N`, after N consecutive skips the next spike is accepted (the
     distribution has moved); non-finite steps are never accepted.
 
+    With gradient accumulation, guard the accumulator from outside:
+    `skip_if(optax.MultiSteps(opt, k))` refuses a bad micro-batch before it is accumulated.
+    Inside it (`optax.MultiSteps(skip_if(opt), k)`) one NaN micro-batch makes the accumulated
+    gradient non-finite for good and every later step is skipped; `assert_healthy` then
+    raises `StalledTrainingError`.
+
     Args:
       inner: the transform to guard (typically the whole optimizer).
       nonfinite: skip non-finite steps.
@@ -331,6 +337,9 @@ def stable(
       the norm-based remedies cannot tell a large step from a large gradient;
     - `health` records telemetry for `read_health` / `assert_healthy` (`telemetry=False`
       leaves it out).
+
+    With gradient accumulation put the guard outside: `gx.skip_if(optax.MultiSteps(opt, k))`
+    (see `skip_if`); `optax.MultiSteps(stable(opt), k)` stalls after one NaN micro-batch.
 
     Args:
       optimizer: any gradient transformation, e.g. `gx.sgd(0.05, momentum=0.9)`.
