@@ -127,7 +127,7 @@ def check_range(
     """
     if callable(value) or isinstance(value, jax.core.Tracer) or (optional and value is None):
         return
-    v = np.asarray(value) if value is not None else np.asarray(None)
+    v = np.asarray(value)
     if v.ndim != 0:
         raise ValueError(f"`{name}` must be a scalar (float or 0-d array), got shape {v.shape}.")
     real = jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)
@@ -490,7 +490,6 @@ def moments_update(m: Moments, x: jax.Array, decay: float, warmup: int, accept=T
     Both are  mean += w * d;  var += w * ((1 - w) * d**2 - var),  d = x - mean,
     with w = 1/n during warm-up and w = 1 - decay after it.
     """
-    x = jnp.asarray(x, jnp.float32)  # float64 norms (x64) must not widen the state
     n = safe_increment(m.n)
     w = jnp.where(m.n < warmup, 1.0 / n.astype(jnp.float32), 1.0 - decay)
     d = x - m.mean

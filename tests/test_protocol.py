@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import gradxform as gx
 from tests.cases import CASES, gradients_at, make, random_tree, run
@@ -256,17 +257,19 @@ def test_complex64_params_keep_state_and_update_dtypes(case):
 def test_scalar_leaves_and_integer_buffers_behave_like_the_arrays_they_stand_for(case):
     """Python and NumPy scalars are arrays; an int32 buffer with a None gradient is left out."""
     loose = {"a": 0.5, "b": np.float32(-1.5), "buffer": jnp.arange(3), "w": np.ones((2, 3))}
+    loose["none"] = None  # a None leaf of the params (optax's empty subtree) stays None
     grads = lambda t: {
         "a": 0.25 + t,
         "b": np.float32(2.0),
         "buffer": None,
+        "none": None,
         "w": np.full((2, 3), 0.5),
     }
     tx, _ = make(case)
     _, updates, traces = _traced_steps(tx, loose, grads)
-    assert updates["buffer"] is None and traces == 1
+    assert updates["buffer"] is None and updates["none"] is None and traces == 1
     arrays = {"a": jnp.float32(0.5), "b": jnp.float32(-1.5), "w": jnp.ones((2, 3))}
-    same_grads = lambda t: {
+    same_grads = lambda t: {  # the arrays they stand for, without the buffer
         k: jnp.asarray(v, jnp.float32) for k, v in grads(t).items() if v is not None
     }
     _, expected, _ = _traced_steps(tx, arrays, same_grads)
@@ -300,3 +303,16 @@ def test_every_transform_runs_under_explicit_sharding_and_state_inherits_it(case
     for leaf in jax.tree.leaves(state):  # moments and buffers shaped like a sharded param
         if leaf.shape in ((16, 4), (8,)):
             assert same(leaf), (leaf.shape, leaf.sharding)
+
+
+def test_add_noise_built_outside_a_mesh_makes_its_key_in_init():
+    tx = gx.add_noise(0.1, 0.55, key=3)  # built before any mesh exists
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        params = {"w": jax.device_put(jnp.zeros(8), jax.sharding.NamedSharding(mesh, P("x")))}
+        state = tx.init(params)
+        assert state.key.sharding.mesh.shape == mesh.shape  # the key lives on the mesh
+        updates, _ = jax.jit(tx.update)(params, state, params)
+    expected = optax.add_noise(0.1, 0.55, key=3)
+    theirs, _ = expected.update({"w": jnp.zeros(8)}, expected.init({"w": jnp.zeros(8)}))
+    np.testing.assert_allclose(updates["w"], theirs["w"], rtol=1e-6)
