@@ -78,6 +78,11 @@ def clip(max_delta: ScalarOrSchedule) -> GradientTransformationExtraArgs:
         del params
         delta = _threshold(max_delta, state.count)
         leaves = jax.tree.leaves(updates)
+        if any(jnp.iscomplexobj(g) for g in leaves):
+            raise TypeError(
+                "`clip` bounds each real value and complex numbers have no order (optax's "
+                "`clip` refuses them too); use `clip_by_global_norm` or `clip_by_leaf_norm`."
+            )
         peak = jnp.zeros([], jnp.float32)
         for g in leaves:
             peak = jnp.maximum(peak, jnp.max(jnp.abs(g), initial=0).astype(jnp.float32))

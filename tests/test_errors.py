@@ -277,3 +277,12 @@ def test_agc_axis_out_of_range_is_refused_and_empty_units_are_fine():
     empty = {"w": jnp.ones((0, 100, 100))}
     agc = gx.adaptive_grad_clip(0.1)
     assert agc.update(empty, agc.init(empty), empty)[0]["w"].shape == (0, 100, 100)
+
+
+def test_clip_refuses_complex_updates_like_optax_and_says_what_to_use():
+    g = {"w": jnp.ones(2, jnp.complex64)}
+    tx = gx.clip(1.0)
+    with pytest.raises(TypeError, match="`clip_by_global_norm`"):
+        tx.update(g, tx.init(g))
+    with pytest.raises(ValueError, match="complex"):  # optax's own refusal
+        optax.clip(1.0).update(g, optax.EmptyState())
