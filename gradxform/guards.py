@@ -142,7 +142,7 @@ def skip_if(
     def update(grads, state, params=None, **extra_args):
         updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
         loss = extra_args.get("loss")
-        norm = global_norm(grads, axis_name)
+        norm = global_norm(grads, axis_name).astype(jnp.float32)  # x64: windows stay float32
         bad = ~jnp.isfinite(norm) if nonfinite else jnp.zeros([], bool)
         if check_updates:
             bad |= ~jnp.isfinite(global_norm(updates, axis_name))

@@ -233,6 +233,7 @@ def _traced_steps(tx, params, grads_at, steps=3):
     return state, updates, len(traces)
 
 
+@pytest.mark.filterwarnings("error:scatter inputs have incompatible types")  # float64 into f32
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_float64_state_keeps_its_dtypes_under_x64(case):
     with jax.enable_x64(True):
