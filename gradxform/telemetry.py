@@ -443,9 +443,10 @@ def read_health(opt_state: Any) -> dict[str, float]:
       {'clip/norm': 5.0, 'clip/threshold': 1.0, 'clip/clipped': 1.0}
     """
     out: dict[str, float] = {}
-    if find_states(opt_state, SkipIfState):
-        out["skip/stalled"] = float(_stalled(opt_state) is not None)
-    for name, record in _fetched_records(opt_state):
+    fetched = _fetched_records(opt_state)
+    if any(isinstance(record, SkipIfState) for _, record in fetched):
+        out["skip/stalled"] = float(_stalled(opt_state, fetched) is not None)
+    for name, record in fetched:
         if isinstance(record, HealthState):
             for field in (
                 "global_norm",
@@ -500,8 +501,9 @@ class StalledTrainingError(GradientHealthError):
     """A guard skips every step and will go on doing so: training has silently stopped."""
 
 
-def _stalled(opt_state: Any) -> str | None:
-    """Why the guarded steps can no longer be accepted, or None.
+def _stalled(opt_state: Any, fetched: list[tuple[str, Any]]) -> str | None:
+    """Why the guarded steps can no longer be accepted, or None (`fetched`: the host copies
+    of `_records(opt_state)`).
 
     A guard inside `optax.MultiSteps` sees the accumulated gradient: one non-finite micro-batch
     makes the accumulator non-finite for good, and the guard then skips every later step. A
@@ -516,8 +518,8 @@ def _stalled(opt_state: Any) -> str | None:
                 "accumulation, `gx.skip_if(optax.MultiSteps(opt, k))`, so it refuses the bad "
                 "micro-batch before it is accumulated"
             )
-    for skip in find_states(opt_state, SkipIfState):
-        window, consecutive = skip.norms.shape[-1], int(np.max(np.asarray(skip.consecutive)))
+    for skip in (record for _, record in fetched if isinstance(record, SkipIfState)):
+        window, consecutive = skip.norms.shape[-1], int(np.max(skip.consecutive))
         if consecutive >= window:
             return (
                 f"{consecutive} consecutive steps skipped, a whole window of {window}: check "
@@ -568,10 +570,11 @@ def assert_healthy(
       ...
       gradxform.telemetry.NonFiniteGradientError: Non-finite gradient at step 1: ...
     """
-    reason = _stalled(opt_state) if check_stalled else None
+    fetched = _fetched_records(opt_state)
+    reason = _stalled(opt_state, fetched) if check_stalled else None
     if reason is not None:
         raise StalledTrainingError(f"Training has stalled: {reason}.")
-    for name, record in _fetched_records(opt_state):
+    for name, record in fetched:
         if not isinstance(record, HealthState):
             continue
         step = int(_scalar(record.count))
