@@ -77,6 +77,7 @@ from gradxform.telemetry import GradientExplosionError as GradientExplosionError
 from gradxform.telemetry import GradientHealthError as GradientHealthError
 from gradxform.telemetry import HealthState as HealthState
 from gradxform.telemetry import NonFiniteGradientError as NonFiniteGradientError
+from gradxform.telemetry import StalledTrainingError as StalledTrainingError
 from gradxform.telemetry import VanishingGradientError as VanishingGradientError
 from gradxform.telemetry import assert_healthy as assert_healthy
 from gradxform.telemetry import check_healthy as check_healthy

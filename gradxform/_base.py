@@ -115,42 +115,96 @@ def check_range(
     *,
     low_open: bool = False,
     high_open: bool = False,
+    finite: bool = True,
+    optional: bool = False,
 ) -> None:
-    """Raise `ValueError` naming `name` if a concrete scalar `value` lies outside the interval.
+    """Raise `ValueError` naming `name` unless `value` is a real scalar in the interval.
 
-    Schedules (callables), `None` and traced values (e.g. under `optax.inject_hyperparams`)
-    are not checked: their value is unknown at construction.
+    Any real dtype is accepted (Python and NumPy numbers, 0-d arrays, bfloat16). With `finite`,
+    +-inf is refused even where the interval is open-ended; with `optional`, `None` is
+    accepted (it then means "off"). Schedules (callables) and traced values (e.g. under
+    `optax.inject_hyperparams`) are not checked: their value is unknown at construction.
     """
-    if value is None or callable(value) or isinstance(value, jax.core.Tracer):
+    if callable(value) or isinstance(value, jax.core.Tracer) or (optional and value is None):
         return
     v = np.asarray(value)
     if v.ndim != 0:
         raise ValueError(f"`{name}` must be a scalar (float or 0-d array), got shape {v.shape}.")
-    if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
+    real = jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)
+    if not real or v.dtype == np.bool_:
         raise ValueError(f"`{name}` must be a real number, got {value!r}.")
     x = float(v)
-    ok = not math.isnan(x)
+    ok = not math.isnan(x) and (math.isfinite(x) or not finite)
     if low is not None:
         ok &= x > low if low_open else x >= low
     if high is not None:
         ok &= x < high if high_open else x <= high
     if not ok:
+        kind = "finite and " if finite and high is None else ""
         raise ValueError(
-            f"`{name}` must be in {_interval(low, high, low_open, high_open)}, got {value!r}."
+            f"`{name}` must be {kind}in {_interval(low, high, low_open, high_open)}, got {value!r}."
         )
 
 
-def check_decay(name: str, value: Any) -> None:
-    """A decay rate or beta: in [0, 1)."""
-    check_range(name, value, 0.0, 1.0, high_open=True)
+def check_decay(name: str, value: Any, **kwargs: Any) -> None:
+    """A decay rate or beta: in [0, 1]. 1 (never forget) is degenerate for a debiased moment
+    but valid in optax, and it is what 0.999 becomes when `optax.inject_hyperparams` casts
+    it to bfloat16 params."""
+    check_range(name, value, 0.0, 1.0, **kwargs)
 
 
-def check_nonnegative(name: str, value: Any) -> None:
-    check_range(name, value, 0.0)
+def check_nonnegative(name: str, value: Any, **kwargs: Any) -> None:
+    check_range(name, value, 0.0, **kwargs)
 
 
-def check_positive(name: str, value: Any) -> None:
-    check_range(name, value, 0.0, low_open=True)
+def check_positive(name: str, value: Any, **kwargs: Any) -> None:
+    check_range(name, value, 0.0, low_open=True, **kwargs)
+
+
+def check_integer(name: str, value: Any, low: int, high: Any = None, *, optional=False) -> None:
+    """Raise `ValueError` naming `name` unless `value` is an integer in [low, high]: a Python or
+    NumPy int or a 0-d integer array (as `optax.inject_hyperparams` passes it), not a bool.
+    Traced values are not checked."""
+    if (optional and value is None) or isinstance(value, jax.core.Tracer):
+        return
+    dtype = np.asarray(value).dtype if hasattr(value, "dtype") else None
+    integral = isinstance(value, int) and not isinstance(value, bool)
+    if dtype is not None and np.ndim(value) == 0:
+        integral = jnp.issubdtype(dtype, jnp.integer)
+    in_range = integral and low <= int(value) and (high is None or int(value) <= high)
+    if not in_range:
+        upper = "" if high is None else f" and <= {high!r}"
+        raise ValueError(f"`{name}` must be an integer >= {low}{upper}, got {value!r}.")
+
+
+def check_dtype(name: str, dtype: Any) -> Any:
+    """The canonical dtype named by `dtype` (None stays None), or `ValueError` naming `name`
+    unless it is a real floating dtype (a moment stored as int or bool truncates to 0)."""
+    if dtype is None:
+        return None
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(
+            f"`{name}` must be None or a real floating dtype such as `jnp.float32` or "
+            f"`jnp.bfloat16`, got {dtype!r}."
+        )
+    return jax.dtypes.canonicalize_dtype(resolved)
+
+
+def check_transform(name: str, value: Any) -> None:
+    """Raise `TypeError` naming `name` unless `value` is a gradient transformation."""
+    if isinstance(value, GradientTransformation | GradientTransformationExtraArgs):
+        return
+    if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+        return
+    hint = " Call the factory first, e.g. `gx.sgd(0.1)`, not `gx.sgd`." if callable(value) else ""
+    raise TypeError(
+        f"`{name}` must be a gradient transformation (an object with `init` and `update`, "
+        f"e.g. `gx.adam(1e-3)`), got {value!r}.{hint}"
+    )
 
 
 def resolve(value: ScalarOrSchedule, count: jax.Array) -> Any:
@@ -170,17 +224,44 @@ def _dtype(leaf: Any) -> np.dtype:
     return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else jnp.result_type(leaf)
 
 
+def is_inexact(leaf: Any) -> bool:
+    """A real or complex floating leaf: one that has a gradient update."""
+    return bool(jnp.issubdtype(_dtype(leaf), jnp.inexact))
+
+
 def check_floating(tree: PyTree, name: str) -> None:
-    """Raise `TypeError` naming the first leaf of `tree` that is not a real floating array."""
+    """Raise `TypeError` naming the first leaf of `tree` that is not a floating array."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         dtype = _dtype(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"`{name}` must hold real floating-point arrays, but leaf {path_name(path)!r} has "
-                f"dtype {dtype}. Integer, boolean and complex leaves have no gradient update: "
-                "keep them out of the optimized tree (e.g. `optax.masked` or a Flax filter) "
-                "or cast them to a float dtype."
+                f"`{name}` must hold floating-point arrays, but leaf {path_name(path)!r} has "
+                f"dtype {dtype}. Integer and boolean leaves have no gradient update: give them "
+                "a `None` gradient (they then pass through untouched, as in optax), keep them "
+                "out of the optimized tree (e.g. `optax.masked` or a Flax filter) or cast "
+                "them to a float dtype."
             )
+
+
+def as_arrays(tree: PyTree) -> PyTree:
+    """Python and NumPy scalars and arrays in `tree` as JAX arrays of their canonical dtype
+    (strongly typed, so a state built from them keeps its dtype); other leaves unchanged."""
+
+    def convert(x):
+        if isinstance(x, int | float | complex | np.generic | np.ndarray):
+            return jnp.asarray(x, jax.dtypes.canonicalize_dtype(np.result_type(x)))
+        return x
+
+    return jax.tree.map(convert, tree)
+
+
+def trainable(params: PyTree) -> PyTree:
+    """`params` with its integer and boolean leaves (buffers, step counters) set to `None`.
+
+    `None` is an empty subtree: transforms neither keep state for these leaves nor return
+    an update for them, matching their `None` gradient.
+    """
+    return jax.tree.map(lambda x: x if is_inexact(x) else None, as_arrays(params))
 
 
 def check_same_structure(tree: PyTree, ref: PyTree, name: str, ref_name: str) -> None:
@@ -223,20 +304,23 @@ def gradient_transformation(
     *,
     extra_args: bool = False,
 ) -> GradientTransformationExtraArgs:
-    """Wrap a transform's `init`/`update` pair with gradxform's input checks.
+    """Wrap a transform's `init`/`update` pair with gradxform's input normalisation and checks.
 
-    The checks run in Python at trace time and cost nothing inside a compiled step: params must
-    be floating point; updates must be floating point and match `params`' tree and shapes.
-    `update` receives the extra keyword arguments (e.g. `loss=`) only when `extra_args=True`.
+    One step for every transform, in Python at trace time (free inside a compiled step):
+    Python and NumPy scalar leaves become JAX arrays; integer and boolean params leaves become
+    `None` (no state, and their `None` gradient passes through); updates must be floating
+    point (real or complex) and match the params' tree and shapes. `update` receives the extra
+    keyword arguments (e.g. `loss=`) only when `extra_args=True`.
     """
 
     def checked_init(params):
-        check_floating(params, "params")
-        return init(params)
+        return init(trainable(params))
 
     def checked_update(updates, state, params=None, **kwargs):
+        updates = as_arrays(updates)
         check_floating(updates, "updates")
         if params is not None:
+            params = trainable(params)
             check_same_structure(updates, params, "updates", "params")
         if extra_args:
             return update(updates, state, params, **kwargs)
@@ -284,10 +368,33 @@ def zeros_like(tree: PyTree, dtype: Any = None) -> PyTree:
     return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), tree)
 
 
+def abs_sq(x: jax.Array) -> jax.Array:
+    """|x|**2, real: `x * x`, or `re(x)**2 + im(x)**2` for complex `x` (optax's `abs_sq`)."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real) + jnp.square(x.imag)
+    return jnp.square(x)
+
+
+def moment_square(g: jax.Array, moment: jax.Array) -> jax.Array:
+    """|g|**2 formed in the promoted dtype of `g` and the `moment` it feeds: a float16 square
+    underflows (1e-4**2 -> 0) before a float32 moment could hold it. Real for complex `g`."""
+    return abs_sq(g.astype(jnp.promote_types(g.dtype, moment.dtype)))
+
+
 def sum_of_squares(x: jax.Array) -> jax.Array:
-    """`sum(x**2)` accumulated in float32 whatever `x`'s dtype (a float16 sum overflows at 256²)."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return jnp.sum(x * x)
+    """`sum(|x|**2)` accumulated in float32 whatever `x`'s dtype (a float16 sum overflows at
+    256²); real, also for complex `x`."""
+    return jnp.sum(abs_sq(x.astype(jnp.promote_types(x.dtype, jnp.float32))))
+
+
+def is_sharded(x: Any) -> bool:
+    """Whether `x`'s type carries a partitioned sharding (explicit sharding, `jax.set_mesh`).
+
+    Such leaves cannot be flattened and concatenated with others (the reshape is refused), so
+    they are reduced on their own.
+    """
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(axis is not None for axis in spec)
 
 
 # Leaves of at most SMALL_LEAF elements are squared-and-summed together, in concatenations of
@@ -312,7 +419,7 @@ def _squared_sums(leaves: Sequence[jax.Array]) -> list[jax.Array]:
         group.clear()
 
     for x in leaves:
-        if x.size > SMALL_LEAF:
+        if x.size > SMALL_LEAF or is_sharded(x):
             sums.append(sum_of_squares(x))
             continue
         x = x.reshape(-1).astype(jnp.promote_types(x.dtype, jnp.float32))

@@ -15,19 +15,18 @@ import jax.numpy as jnp
 
 from gradxform._base import (
     GradientTransformationExtraArgs,
+    abs_sq,
     check_decay,
+    check_dtype,
     check_nonnegative,
     check_same_structure,
     gradient_transformation,
+    moment_square,
     safe_increment,
     step_counter,
     tree_map_unzip,
     zeros_like,
 )
-
-
-def _dtype(dtype: Any) -> Any:
-    return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
 
 
 def _full_like(params: Any, value: float, dtype: Any) -> Any:
@@ -70,7 +69,7 @@ def scale_by_rss(
         return ScaleByRssState(_full_like(params, initial_accumulator_value, None))
 
     def leaf(g, s_prev):
-        s = g * g + s_prev
+        s = moment_square(g, s_prev) + s_prev
         u = jnp.where(s > 0, jax.lax.rsqrt(s + eps), 0.0) * g
         return u.astype(g.dtype), s.astype(s_prev.dtype)
 
@@ -103,7 +102,7 @@ def scale_by_rms(
     u_t = g_t / sqrt(nu_t + eps)   (or g_t / (sqrt(nu_t) + eps) with `eps_in_sqrt=False`)
 
     Args:
-      decay: EMA rate in [0, 1).
+      decay: EMA rate in [0, 1].
       eps: >= 0, added to the denominator.
       initial_scale: starting value of `nu`, >= 0.
       eps_in_sqrt: add `eps` inside the root (optax's and TF's convention) or outside.
@@ -122,7 +121,7 @@ def scale_by_rms(
     check_decay("decay", decay)
     check_nonnegative("eps", eps)
     check_nonnegative("initial_scale", initial_scale)
-    nu_dtype = _dtype(nu_dtype)
+    nu_dtype = check_dtype("nu_dtype", nu_dtype)
 
     def init(params):
         return ScaleByRmsState(step_counter(), _full_like(params, initial_scale, nu_dtype))
@@ -133,7 +132,7 @@ def scale_by_rms(
         count = safe_increment(state.count)
 
         def leaf(g, nu_prev):
-            nu = (1 - decay) * (g * g) + decay * nu_prev
+            nu = (1 - decay) * moment_square(g, nu_prev) + decay * nu_prev
             nu_hat = _debias(nu, decay, count) if bias_correction else nu
             scaling = jax.lax.rsqrt(nu_hat + eps) if eps_in_sqrt else 1 / (jnp.sqrt(nu_hat) + eps)
             return (scaling * g).astype(g.dtype), nu.astype(nu_prev.dtype)
@@ -166,7 +165,7 @@ def scale_by_stddev(
     u_t = g_t / sqrt(nu_t - mu_t**2 + eps)
 
     Args:
-      decay: EMA rate in [0, 1).
+      decay: EMA rate in [0, 1].
       eps: >= 0, added to the denominator.
       initial_scale: starting value of `nu`, >= 0.
       eps_in_sqrt: add `eps` inside the root or outside.
@@ -186,7 +185,7 @@ def scale_by_stddev(
     check_decay("decay", decay)
     check_nonnegative("eps", eps)
     check_nonnegative("initial_scale", initial_scale)
-    mu_dtype, nu_dtype = _dtype(mu_dtype), _dtype(nu_dtype)
+    mu_dtype, nu_dtype = check_dtype("mu_dtype", mu_dtype), check_dtype("nu_dtype", nu_dtype)
 
     def init(params):
         return ScaleByStddevState(
@@ -202,11 +201,11 @@ def scale_by_stddev(
 
         def leaf(g, mu_prev, nu_prev):
             mu = (1 - decay) * g + decay * mu_prev
-            nu = (1 - decay) * (g * g) + decay * nu_prev
+            nu = (1 - decay) * moment_square(g, nu_prev) + decay * nu_prev
             mu_hat, nu_hat = mu, nu
             if bias_correction:
                 mu_hat, nu_hat = _debias(mu, decay, count), _debias(nu, decay, count)
-            var = nu_hat - mu_hat * mu_hat
+            var = nu_hat - abs_sq(mu_hat)
             scaling = jax.lax.rsqrt(var + eps) if eps_in_sqrt else 1 / (jnp.sqrt(var) + eps)
             return (scaling * g).astype(g.dtype), mu.astype(mu_prev.dtype), nu.astype(nu_prev.dtype)
 
@@ -247,8 +246,8 @@ def scale_by_adam(
     u_t = m_t / (sqrt(nu_t / (1 - b2**t) + eps_root) + eps)
 
     Args:
-      b1: decay rate of the first moment, in [0, 1).
-      b2: decay rate of the second moment, in [0, 1).
+      b1: decay rate of the first moment, in [0, 1].
+      b2: decay rate of the second moment, in [0, 1].
       eps: >= 0, added outside the root.
       eps_root: >= 0, added inside the root (keeps meta-gradients finite).
       mu_dtype: dtype of `mu` (e.g. `jnp.bfloat16` to halve its memory).
@@ -266,7 +265,7 @@ def scale_by_adam(
     Dozat, Incorporating Nesterov Momentum into Adam, 2016.
     """
     _check_adam(b1, b2, eps, eps_root)
-    mu_dtype, nu_dtype = _dtype(mu_dtype), _dtype(nu_dtype)
+    mu_dtype, nu_dtype = check_dtype("mu_dtype", mu_dtype), check_dtype("nu_dtype", nu_dtype)
 
     def init(params):
         return ScaleByAdamState(
@@ -280,7 +279,7 @@ def scale_by_adam(
 
         def leaf(g, mu_prev, nu_prev):
             mu = (1 - b1) * g + b1 * mu_prev
-            nu = (1 - b2) * (g * g) + b2 * nu_prev
+            nu = (1 - b2) * moment_square(g, nu_prev) + b2 * nu_prev
             if nesterov:
                 m = b1 * _debias(mu, b1, safe_increment(count)) + (1 - b1) * _debias(g, b1, count)
             else:
@@ -318,8 +317,8 @@ def scale_by_amsgrad(
     u_t = m_t / (sqrt(nu_max_t + eps_root) + eps)
 
     Args:
-      b1: decay rate of the first moment, in [0, 1).
-      b2: decay rate of the second moment, in [0, 1).
+      b1: decay rate of the first moment, in [0, 1].
+      b2: decay rate of the second moment, in [0, 1].
       eps: >= 0, added outside the root.
       eps_root: >= 0, added inside the root.
       mu_dtype: dtype of `mu`.
@@ -338,7 +337,7 @@ def scale_by_amsgrad(
     Reference: Reddi et al., On the Convergence of Adam and Beyond, 2018.
     """
     _check_adam(b1, b2, eps, eps_root)
-    mu_dtype, nu_dtype = _dtype(mu_dtype), _dtype(nu_dtype)
+    mu_dtype, nu_dtype = check_dtype("mu_dtype", mu_dtype), check_dtype("nu_dtype", nu_dtype)
 
     def init(params):
         return ScaleByAmsgradState(  # nu and nu_max distinct buffers, so they can be donated
@@ -355,7 +354,7 @@ def scale_by_amsgrad(
 
         def leaf(g, mu_prev, nu_prev, nu_max_prev):
             mu = (1 - b1) * g + b1 * mu_prev
-            nu = (1 - b2) * (g * g) + b2 * nu_prev
+            nu = (1 - b2) * moment_square(g, nu_prev) + b2 * nu_prev
             m = _debias(mu, b1, count) if bias_correction_mu else mu
             nu_max = jnp.maximum(nu_max_prev, _debias(nu, b2, count) if bias_correction_nu else nu)
             u = m / (jnp.sqrt(nu_max + eps_root) + eps)
@@ -383,8 +382,8 @@ def scale_by_adamax(
     u_t = mu_t / (1 - b1**t) / nu_t
 
     Args:
-      b1: decay rate of the first moment, in [0, 1).
-      b2: decay rate of the infinity norm, in [0, 1).
+      b1: decay rate of the first moment, in [0, 1].
+      b2: decay rate of the infinity norm, in [0, 1].
       eps: > 0 in practice, keeps `nu` away from zero.
 
     Examples:

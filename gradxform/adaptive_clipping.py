@@ -16,12 +16,17 @@ from gradxform._base import (
     ClipRecord,
     GradientTransformationExtraArgs,
     Moments,
+    abs_sq,
     check_decay,
+    check_dtype,
+    check_integer,
     check_nonnegative,
     check_positive,
     check_range,
+    check_same_structure,
     global_norm,
     gradient_transformation,
+    moment_square,
     moments_init,
     moments_update,
     moments_zscore,
@@ -70,7 +75,7 @@ def autoclip(
     Separation Networks, 2020.
     """
     check_range("percentile", percentile, 0.0, 100.0, low_open=True)
-    check_range("history", history, 1)
+    check_integer("history", history, 1)
 
     def init(params):
         del params
@@ -79,7 +84,7 @@ def autoclip(
 
     def update(updates, state, params=None):
         del params
-        norm = global_norm(updates, axis_name)
+        norm = global_norm(updates, axis_name).astype(jnp.float32)  # x64: keep state float32
         finite = jnp.isfinite(norm)
         slot = state.written % history
         norms = state.norms.at[slot].set(jnp.where(finite, norm, state.norms[slot]))
@@ -128,7 +133,7 @@ def zclip(
     not clipped at all. `None` disables it.
 
     Args:
-      alpha: moment decay in [0, 1).
+      alpha: moment decay in [0, 1].
       z_thresh: positive z-score above which a norm is a spike.
       warmup_steps: steps of exact moments before z-scores count.
       max_norm: absolute cap on the threshold, or `None`.
@@ -147,9 +152,9 @@ def zclip(
     Reference: Kumar et al., ZClip: Adaptive Spike Mitigation for LLM Pre-Training, 2025.
     """
     check_decay("alpha", alpha)
-    check_positive("z_thresh", z_thresh)
-    check_range("warmup_steps", warmup_steps, 0)
-    check_range("max_norm", max_norm, 0.0, low_open=True)
+    check_positive("z_thresh", z_thresh, finite=False)
+    check_integer("warmup_steps", warmup_steps, 0)
+    check_positive("max_norm", max_norm, finite=False, optional=True)
     if mode not in ("adaptive_scaling", "mean"):
         raise ValueError(f"`mode` must be 'adaptive_scaling' or 'mean', got {mode!r}.")
 
@@ -159,7 +164,7 @@ def zclip(
 
     def update(updates, state, params=None):
         del params
-        norm = global_norm(updates, axis_name)
+        norm = global_norm(updates, axis_name).astype(jnp.float32)  # x64: keep state float32
         m = state.moments
         z = moments_zscore(m, norm, warmup_steps)
         std = jnp.sqrt(jnp.maximum(m.var, 0.0))
@@ -211,8 +216,8 @@ def scale_by_spam(
     new estimates), and the first step after a reset is not spike-clipped (nu is empty).
 
     Args:
-      b1: Adam's first-moment decay, in [0, 1).
-      b2: Adam's second-moment decay, in [0, 1).
+      b1: Adam's first-moment decay, in [0, 1].
+      b2: Adam's second-moment decay, in [0, 1].
       eps: Adam's eps, >= 0.
       reset_interval: steps between moment resets (>= 1).
       spike_threshold: theta, > 0; a coordinate is a spike when g**2 > theta * nu.
@@ -235,9 +240,10 @@ def scale_by_spam(
     check_decay("b1", b1)
     check_decay("b2", b2)
     check_nonnegative("eps", eps)
-    check_range("reset_interval", reset_interval, 1)
-    check_positive("spike_threshold", spike_threshold)
-    check_range("warmup_steps", warmup_steps, 0)
+    check_integer("reset_interval", reset_interval, 1)
+    check_positive("spike_threshold", spike_threshold, finite=False)
+    check_integer("warmup_steps", warmup_steps, 0)
+    mu_dtype, nu_dtype = check_dtype("mu_dtype", mu_dtype), check_dtype("nu_dtype", nu_dtype)
 
     def init(params):
         c = step_counter  # every leaf its own buffer, so the state can be donated
@@ -247,6 +253,7 @@ def scale_by_spam(
 
     def update(updates, state, params=None):
         del params
+        check_same_structure(updates, state.mu, "updates", "state.mu")
         reset = (state.count > 0) & (state.count % reset_interval == 0)
         since = jnp.where(reset, 0, state.since_reset)
         k = safe_increment(since)
@@ -261,10 +268,10 @@ def scale_by_spam(
             mu_prev = jnp.where(reset, jnp.zeros_like(mu_prev), mu_prev)
             nu_prev = jnp.where(reset, jnp.zeros_like(nu_prev), nu_prev)
             bound = spike_threshold * nu_prev
-            spike = (g * g > bound) & (since > 0)
+            spike = (abs_sq(g) > bound) & (since > 0)
             g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound), g).astype(g.dtype)
             mu = (1 - b1) * g + b1 * mu_prev
-            nu = (1 - b2) * (g * g) + b2 * nu_prev
+            nu = (1 - b2) * moment_square(g, nu_prev) + b2 * nu_prev
             m_hat = mu / (1 - b1**k).astype(mu.dtype)
             v_hat = nu / (1 - b2**k).astype(nu.dtype)
             u = warm * m_hat / (jnp.sqrt(v_hat) + eps)

@@ -18,10 +18,12 @@ from gradxform._base import (
     ClipRecord,
     GradientTransformationExtraArgs,
     ScalarOrSchedule,
+    abs_sq,
     check_positive,
     check_slots,
     global_norm,
     gradient_transformation,
+    is_sharded,
     no_clip_record,
     resolve,
     safe_increment,
@@ -66,7 +68,7 @@ def clip(max_delta: ScalarOrSchedule) -> GradientTransformationExtraArgs:
       >>> u["w"]
       Array([-1. ,  0.5,  1. ], dtype=float32)
     """
-    check_positive("max_delta", max_delta)
+    check_positive("max_delta", max_delta, finite=False)
 
     def init(params):
         del params
@@ -76,6 +78,11 @@ def clip(max_delta: ScalarOrSchedule) -> GradientTransformationExtraArgs:
         del params
         delta = _threshold(max_delta, state.count)
         leaves = jax.tree.leaves(updates)
+        if any(jnp.iscomplexobj(g) for g in leaves):
+            raise TypeError(
+                "`clip` bounds each real value and complex numbers have no order (optax's "
+                "`clip` refuses them too); use `clip_by_global_norm` or `clip_by_leaf_norm`."
+            )
         peak = jnp.zeros([], jnp.float32)
         for g in leaves:
             peak = jnp.maximum(peak, jnp.max(jnp.abs(g), initial=0).astype(jnp.float32))
@@ -112,7 +119,7 @@ def clip_by_global_norm(
 
     Reference: Pascanu et al., On the difficulty of training recurrent neural networks, 2013.
     """
-    check_positive("max_norm", max_norm)
+    check_positive("max_norm", max_norm, finite=False)
 
     def init(params):
         del params
@@ -120,17 +127,18 @@ def clip_by_global_norm(
 
     def update(updates, state, params=None):
         del params
-        bound = _threshold(max_norm, state.count)
+        bound = resolve(max_norm, state.count)  # unrounded: float64 updates clip in float64
         norm = global_norm(updates, axis_name)
         updates, clipped = clip_to_norm(updates, norm, bound)
-        return updates, ClipState(safe_increment(state.count), ClipRecord(norm, bound, clipped))
+        record = ClipRecord(*(jnp.asarray(x, jnp.float32) for x in (norm, bound)), clipped)
+        return updates, ClipState(safe_increment(state.count), record)
 
     return gradient_transformation(init, update)
 
 
 def _per_leaf_clip(name: str, statistic, threshold_name: str, threshold: ScalarOrSchedule):
     """A transform that scales each leaf by `min(1, threshold / statistic(leaf))`."""
-    check_positive(threshold_name, threshold)
+    check_positive(threshold_name, threshold, finite=False)
 
     def init(params):
         return ClipState(step_counter(), no_clip_record(params))
@@ -227,13 +235,13 @@ def unitwise_sum_of_squares(x: jax.Array, axis: Any = None) -> jax.Array:
     axes = tuple(a % x.ndim for a in axes)
     rows, kept = math.prod(x.shape[: len(axes)]), x.shape[len(axes) :]
     leading = axes == tuple(range(len(axes)))
-    if leading and math.prod(kept) >= 8192 and 1 <= rows <= 128:
+    if leading and math.prod(kept) >= 8192 and 1 <= rows <= 128 and not is_sharded(x):
         # A few rows of many units, e.g. a stacked (layers, d_in, d_out) kernel: XLA:CPU reduces
         # a leading axis element by element across the rows (7 ms for 12 x 196608 values); a
         # sum of the rows is one streaming pass (0.2 ms).
         flat = x.reshape(rows, *kept)
-        return sum(flat[i] * flat[i] for i in range(rows)).reshape((1,) * len(axes) + kept)
-    return jnp.sum(x * x, axis=axis, keepdims=True)
+        return sum(abs_sq(flat[i]) for i in range(rows)).reshape((1,) * len(axes) + kept)
+    return jnp.sum(abs_sq(x), axis=axis, keepdims=True)
 
 
 def adaptive_grad_clip(
@@ -262,7 +270,7 @@ def adaptive_grad_clip(
     Reference: Brock et al., High-Performance Large-Scale Image Recognition Without
     Normalization, 2021.
     """
-    check_positive("clipping", clipping)
+    check_positive("clipping", clipping, finite=False)
     check_positive("eps", eps)
 
     def init(params):

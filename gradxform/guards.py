@@ -13,14 +13,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradxform._base import (
     LOG_NORM_MIN_STD,
     GradientTransformationExtraArgs,
     chain,
+    check_integer,
     check_positive,
     check_range,
+    check_transform,
     find_states,
     global_norm,
     gradient_transformation,
@@ -88,6 +91,12 @@ def skip_if(
     With `give_up_after=N`, after N consecutive skips the next spike is accepted (the
     distribution has moved); non-finite steps are never accepted.
 
+    With gradient accumulation, guard the accumulator from outside:
+    `skip_if(optax.MultiSteps(opt, k))` refuses a bad micro-batch before it is accumulated.
+    Inside it (`optax.MultiSteps(skip_if(opt), k)`) one NaN micro-batch makes the accumulated
+    gradient non-finite for good and every later step is skipped; `assert_healthy` then
+    raises `StalledTrainingError`.
+
     Args:
       inner: the transform to guard (typically the whole optimizer).
       nonfinite: skip non-finite steps.
@@ -112,13 +121,15 @@ def skip_if(
       >>> u["w"], int(state.skipped_nonfinite)
       (Array([0., 0.], dtype=float32), 1)
     """
-    check_range("norm_z", norm_z, 0.0, low_open=True)
-    check_range("max_norm_ratio", max_norm_ratio, 1.0, low_open=True)
-    check_range("max_norm", max_norm, 0.0, low_open=True)
-    check_range("loss_z", loss_z, 0.0, low_open=True)
-    check_range("window", window, 1)
-    check_range("warmup_steps", warmup_steps, 1, window)
-    check_range("give_up_after", give_up_after, 1)
+    check_transform("inner", inner)
+    bound = dict(finite=False, optional=True)  # a bound: None (or inf) turns it off
+    check_positive("norm_z", norm_z, **bound)
+    check_range("max_norm_ratio", max_norm_ratio, 1.0, low_open=True, **bound)
+    check_positive("max_norm", max_norm, **bound)
+    check_positive("loss_z", loss_z, **bound)
+    check_integer("window", window, 1)
+    check_integer("warmup_steps", warmup_steps, 1, window)
+    check_integer("give_up_after", give_up_after, 1, optional=True)
 
     def init(params):
         c = step_counter  # every leaf its own buffer, so the state can be donated
@@ -131,7 +142,7 @@ def skip_if(
     def update(grads, state, params=None, **extra_args):
         updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
         loss = extra_args.get("loss")
-        norm = global_norm(grads, axis_name)
+        norm = global_norm(grads, axis_name).astype(jnp.float32)  # x64: windows stay float32
         bad = ~jnp.isfinite(norm) if nonfinite else jnp.zeros([], bool)
         if check_updates:
             bad |= ~jnp.isfinite(global_norm(updates, axis_name))
@@ -150,7 +161,12 @@ def skip_if(
         loss_spike = jnp.zeros([], bool)
         loss_value = jnp.zeros([], jnp.float32)
         if loss is not None:
-            loss_value = jnp.asarray(loss, jnp.float32).reshape(())
+            if np.shape(loss) != ():
+                raise ValueError(
+                    f"`loss` must be a scalar (the mean loss of the step), got shape "
+                    f"{np.shape(loss)}."
+                )
+            loss_value = jnp.asarray(loss, jnp.float32)
             if nonfinite:
                 bad |= ~jnp.isfinite(loss_value)
             if loss_z is not None:
@@ -228,8 +244,9 @@ def dynamic_loss_scale(
 
     Reference: Micikevicius et al., Mixed Precision Training, 2018.
     """
+    check_transform("inner", inner)
     check_positive("initial_scale", initial_scale)
-    check_range("growth_interval", growth_interval, 1)
+    check_integer("growth_interval", growth_interval, 1)
     check_range("growth_factor", growth_factor, 1.0, low_open=True)
     check_range("backoff_factor", backoff_factor, 0.0, 1.0, low_open=True, high_open=True)
     check_positive("min_scale", min_scale)
@@ -321,6 +338,9 @@ def stable(
     - `health` records telemetry for `read_health` / `assert_healthy` (`telemetry=False`
       leaves it out).
 
+    With gradient accumulation put the guard outside: `gx.skip_if(optax.MultiSteps(opt, k))`
+    (see `skip_if`); `optax.MultiSteps(stable(opt), k)` stalls after one NaN micro-batch.
+
     Args:
       optimizer: any gradient transformation, e.g. `gx.sgd(0.05, momentum=0.9)`.
       norm_z: `skip_if`'s bound on the z-score of log||g||, or `None`.
@@ -339,7 +359,8 @@ def stable(
       >>> u["w"], gx.read_health(state)["skip/skipped_nonfinite"]
       (Array([0., 0.], dtype=float32), 1.0)
     """
-    check_range("max_update_ratio", max_update_ratio, 0.0, low_open=True)
+    check_transform("optimizer", optimizer)
+    check_positive("max_update_ratio", max_update_ratio, finite=False, optional=True)
     from gradxform.adaptive_clipping import zclip
     from gradxform.clipping import adaptive_grad_clip
     from gradxform.telemetry import health

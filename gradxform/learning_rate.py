@@ -13,6 +13,7 @@ from gradxform._base import (
     GradientTransformationExtraArgs,
     ScalarOrSchedule,
     check_nonnegative,
+    check_range,
     gradient_transformation,
     safe_increment,
     step_counter,
@@ -25,7 +26,7 @@ def scale(step_size: float | jax.Array) -> GradientTransformationExtraArgs:
     u_t = step_size * g_t
 
     Args:
-      step_size: any real factor (negative for descent).
+      step_size: any finite real factor (negative for descent); a float or 0-d array.
 
     Examples:
       >>> import gradxform as gx, jax.numpy as jnp
@@ -33,6 +34,12 @@ def scale(step_size: float | jax.Array) -> GradientTransformationExtraArgs:
       >>> tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))[0]
       Array([-1.], dtype=float32)
     """
+    check_range("step_size", step_size)
+    if callable(step_size):
+        raise ValueError(
+            f"`step_size` must be a number, got the callable {step_size!r}: use "
+            "`gx.scale_by_schedule` for a schedule."
+        )
 
     def update(updates, state, params=None):
         del params
@@ -63,6 +70,11 @@ def scale_by_schedule(
       >>> tx.update(jnp.ones(1), state)[0]
       Array([0.75], dtype=float32)
     """
+    if not callable(step_size_fn):
+        raise TypeError(
+            "`step_size_fn` must be a function of the step count (e.g. an optax schedule), got "
+            f"{step_size_fn!r}; for a constant use `gx.scale`."
+        )
 
     def init(params):
         del params
@@ -78,15 +90,16 @@ def scale_by_schedule(
 
 
 def scale_by_learning_rate(
-    learning_rate: ScalarOrSchedule, *, flip_sign: bool = True
+    learning_rate: ScalarOrSchedule | None, *, flip_sign: bool = True
 ) -> GradientTransformationExtraArgs:
     """Multiply by `-learning_rate` (descent), a constant or a schedule of the step.
 
-    u_t = -lr(t) * g_t   (`+lr(t) * g_t` with `flip_sign=False`)
+    u_t = -lr(t) * g_t   (`+lr(t) * g_t` with `flip_sign=False`;  u_t = g_t  if lr is None)
 
     Args:
-      learning_rate: >= 0; a float, a 0-d array or a schedule such as
-        `optax.warmup_cosine_decay_schedule(...)`.
+      learning_rate: >= 0 and finite; a float, a 0-d array or a schedule such as
+        `optax.warmup_cosine_decay_schedule(...)`; `None` means no scaling at all (not even
+        the sign flip), as in optax.
       flip_sign: negate, so that `optax.apply_updates` descends.
 
     Examples:
@@ -95,7 +108,9 @@ def scale_by_learning_rate(
       >>> tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))[0]
       Array([-0.2], dtype=float32)
     """
-    check_nonnegative("learning_rate", learning_rate)
+    check_nonnegative("learning_rate", learning_rate, optional=True)
+    if learning_rate is None:
+        return gradient_transformation(lambda params: EmptyState(), lambda u, s, p=None: (u, s))
     sign = -1 if flip_sign else 1
     if callable(learning_rate):
         return scale_by_schedule(lambda count: sign * learning_rate(count))

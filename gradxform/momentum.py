@@ -12,7 +12,8 @@ import jax
 
 from gradxform._base import (
     GradientTransformationExtraArgs,
-    check_decay,
+    check_dtype,
+    check_range,
     check_same_structure,
     gradient_transformation,
     safe_increment,
@@ -34,7 +35,7 @@ def trace(
     m_t = g_t + decay * m_{t-1};   u_t = m_t  (heavy ball)   or   g_t + decay * m_t  (Nesterov)
 
     Args:
-      decay: momentum coefficient in [0, 1).
+      decay: momentum coefficient in [0, 1] (1: a plain running sum, as in optax).
       nesterov: use Nesterov's look-ahead form.
       accumulator_dtype: dtype of the buffer (e.g. `jnp.float32` for bfloat16 params).
 
@@ -50,7 +51,8 @@ def trace(
     Reference: Polyak, 1964; Sutskever et al., On the importance of initialization and momentum
     in deep learning, 2013.
     """
-    check_decay("decay", decay)
+    check_range("decay", decay, 0.0, 1.0)
+    accumulator_dtype = check_dtype("accumulator_dtype", accumulator_dtype)
 
     def init(params):
         return TraceState(zeros_like(params, accumulator_dtype))
@@ -82,7 +84,7 @@ def ema(
     m_t = decay * m_{t-1} + (1 - decay) * g_t;   u_t = m_t / (1 - decay**t)  if debias else m_t
 
     Args:
-      decay: averaging coefficient in [0, 1).
+      decay: averaging coefficient in [0, 1] (as in optax; 1 never moves the average).
       debias: divide by `1 - decay**t` so early averages are not biased towards zero.
       accumulator_dtype: dtype of the running average.
 
@@ -95,7 +97,8 @@ def ema(
 
     Reference: Kingma & Ba, Adam: A Method for Stochastic Optimization, 2015 (debiasing).
     """
-    check_decay("decay", decay)
+    check_range("decay", decay, 0.0, 1.0)
+    accumulator_dtype = check_dtype("accumulator_dtype", accumulator_dtype)
 
     def init(params):
         return EmaState(step_counter(), zeros_like(params, accumulator_dtype))

@@ -2,14 +2,15 @@
 
 Signatures and defaults follow optax's optimizers of the same name, so
 `gx.adamw(3e-4, weight_decay=0.01)` replaces `optax.adamw(3e-4, weight_decay=0.01)`.
-Every `learning_rate` may be a float, a 0-d array or an optax schedule.
+Every `learning_rate` may be a float, a 0-d array or an optax schedule; `None` leaves the
+updates unscaled (no sign flip either), as in optax.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from gradxform._base import GradientTransformationExtraArgs, ScalarOrSchedule, chain
+from gradxform._base import GradientTransformationExtraArgs, ScalarOrSchedule, chain, check_range
 from gradxform.adaptive import (
     scale_by_adam,
     scale_by_adamax,
@@ -24,7 +25,7 @@ from gradxform.momentum import trace
 
 
 def sgd(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule | None,
     momentum: float | None = None,
     nesterov: bool = False,
     accumulator_dtype: Any = None,
@@ -34,8 +35,8 @@ def sgd(
     `chain(trace(momentum, nesterov), scale_by_learning_rate(learning_rate))`
 
     Args:
-      learning_rate: >= 0; a float, 0-d array or optax schedule.
-      momentum: heavy-ball coefficient in [0, 1), or `None` for plain SGD.
+      learning_rate: >= 0; a float, 0-d array or optax schedule (`None`: no scaling).
+      momentum: heavy-ball coefficient in [0, 1], or `None` for plain SGD.
       nesterov: use Nesterov momentum.
       accumulator_dtype: dtype of the momentum buffer.
 
@@ -48,17 +49,20 @@ def sgd(
     Reference: Sutskever et al., On the importance of initialization and momentum in deep
     learning, 2013.
     """
+    check_range("momentum", momentum, 0.0, 1.0, optional=True)  # named as the user typed it
     momentum_part = () if momentum is None else (trace(momentum, nesterov, accumulator_dtype),)
     return chain(*momentum_part, scale_by_learning_rate(learning_rate))
 
 
 def adagrad(
-    learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 0.1, eps: float = 1e-7
+    learning_rate: ScalarOrSchedule | None,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
 ) -> GradientTransformationExtraArgs:
     """Adagrad: `chain(scale_by_rss(...), scale_by_learning_rate(learning_rate))`.
 
     Args:
-      learning_rate: >= 0; a float, 0-d array or optax schedule.
+      learning_rate: >= 0; a float, 0-d array or optax schedule (`None`: no scaling).
       initial_accumulator_value: starting sum of squares, >= 0.
       eps: >= 0, inside the root.
 
@@ -76,7 +80,7 @@ def adagrad(
 
 
 def rmsprop(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule | None,
     decay: float = 0.9,
     eps: float = 1e-8,
     initial_scale: float = 0.0,
@@ -91,13 +95,13 @@ def rmsprop(
     `chain(scale_by_rms | scale_by_stddev, scale_by_learning_rate, trace(momentum, nesterov))`
 
     Args:
-      learning_rate: >= 0; a float, 0-d array or optax schedule.
-      decay: EMA rate of the squared gradients, in [0, 1).
+      learning_rate: >= 0; a float, 0-d array or optax schedule (`None`: no scaling).
+      decay: EMA rate of the squared gradients, in [0, 1].
       eps: >= 0, added to the denominator.
       initial_scale: starting value of the EMA, >= 0.
       eps_in_sqrt: add `eps` inside the root (optax's convention) or outside.
       centered: divide by the standard deviation instead of the RMS.
-      momentum: optional heavy-ball coefficient applied after the learning rate.
+      momentum: optional heavy-ball coefficient in [0, 1], applied after the learning rate.
       nesterov: use Nesterov momentum.
       bias_correction: debias the EMAs.
 
@@ -109,6 +113,7 @@ def rmsprop(
 
     Reference: Tieleman & Hinton, 2012; Graves, 2013 (centered).
     """
+    check_range("momentum", momentum, 0.0, 1.0, optional=True)
     scaling = scale_by_stddev if centered else scale_by_rms
     momentum_part = () if momentum is None else (trace(momentum, nesterov),)
     return chain(
@@ -119,7 +124,7 @@ def rmsprop(
 
 
 def adam(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule | None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -132,9 +137,9 @@ def adam(
     """Adam: `chain(scale_by_adam(...), scale_by_learning_rate(learning_rate))`.
 
     Args:
-      learning_rate: >= 0; a float, 0-d array or optax schedule.
-      b1: decay rate of the first moment, in [0, 1).
-      b2: decay rate of the second moment, in [0, 1).
+      learning_rate: >= 0; a float, 0-d array or optax schedule (`None`: no scaling).
+      b1: decay rate of the first moment, in [0, 1].
+      b2: decay rate of the second moment, in [0, 1].
       eps: >= 0, added outside the root.
       eps_root: >= 0, added inside the root.
       mu_dtype: dtype of the first moment.
@@ -156,24 +161,27 @@ def adam(
 
 
 def nadam(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule | None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: Any = None,
     *,
+    nesterov: bool = True,
     nu_dtype: Any = None,
 ) -> GradientTransformationExtraArgs:
     """NAdam: Adam with Nesterov momentum, `adam(..., nesterov=True)`.
 
     Args:
-      learning_rate: >= 0; a float, 0-d array or optax schedule.
-      b1: decay rate of the first moment, in [0, 1).
-      b2: decay rate of the second moment, in [0, 1).
+      learning_rate: >= 0; a float, 0-d array or optax schedule (`None`: no scaling).
+      b1: decay rate of the first moment, in [0, 1].
+      b2: decay rate of the second moment, in [0, 1].
       eps: >= 0, added outside the root.
       eps_root: >= 0, added inside the root.
       mu_dtype: dtype of the first moment.
+      nesterov: the look-ahead first moment (optax's `nadam` keeps the flag too; `False` is
+        plain Adam).
       nu_dtype: dtype of the second moment.
 
     Examples:
@@ -184,11 +192,13 @@ def nadam(
 
     Reference: Dozat, Incorporating Nesterov Momentum into Adam, 2016.
     """
-    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True, nu_dtype=nu_dtype)
+    return adam(
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype
+    )
 
 
 def adamw(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule | None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -205,9 +215,9 @@ def adamw(
     `chain(scale_by_adam(...), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))`
 
     Args:
-      learning_rate: >= 0; a float, 0-d array or optax schedule.
-      b1: decay rate of the first moment, in [0, 1).
-      b2: decay rate of the second moment, in [0, 1).
+      learning_rate: >= 0; a float, 0-d array or optax schedule (`None`: no scaling).
+      b1: decay rate of the first moment, in [0, 1].
+      b2: decay rate of the second moment, in [0, 1].
       eps: >= 0, added outside the root.
       eps_root: >= 0, added inside the root.
       mu_dtype: dtype of the first moment.
@@ -236,7 +246,7 @@ def adamw(
 
 
 def amsgrad(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule | None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -250,9 +260,9 @@ def amsgrad(
     """AMSGrad: `chain(scale_by_amsgrad(...), scale_by_learning_rate(learning_rate))`.
 
     Args:
-      learning_rate: >= 0; a float, 0-d array or optax schedule.
-      b1: decay rate of the first moment, in [0, 1).
-      b2: decay rate of the second moment, in [0, 1).
+      learning_rate: >= 0; a float, 0-d array or optax schedule (`None`: no scaling).
+      b1: decay rate of the first moment, in [0, 1].
+      b2: decay rate of the second moment, in [0, 1].
       eps: >= 0, added outside the root.
       eps_root: >= 0, added inside the root.
       mu_dtype: dtype of the first moment.
@@ -284,14 +294,14 @@ def amsgrad(
 
 
 def adamax(
-    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+    learning_rate: ScalarOrSchedule | None, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 ) -> GradientTransformationExtraArgs:
     """Adamax: `chain(scale_by_adamax(...), scale_by_learning_rate(learning_rate))`.
 
     Args:
-      learning_rate: >= 0; a float, 0-d array or optax schedule.
-      b1: decay rate of the first moment, in [0, 1).
-      b2: decay rate of the infinity norm, in [0, 1).
+      learning_rate: >= 0; a float, 0-d array or optax schedule (`None`: no scaling).
+      b1: decay rate of the first moment, in [0, 1].
+      b2: decay rate of the infinity norm, in [0, 1].
       eps: keeps the infinity norm away from zero.
 
     Examples:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import checkify
 
 from gradxform._base import (
@@ -25,12 +26,17 @@ from gradxform._base import (
     EmptyState,
     GradientTransformationExtraArgs,
     Moments,
+    abs_sq,
     check_decay,
+    check_integer,
     check_positive,
     check_range,
     check_slots,
+    check_transform,
     find_states,
+    global_norm,
     gradient_transformation,
+    is_sharded,
     leaf_slots,
     moments_update,
     moments_zscore,
@@ -157,8 +163,8 @@ def health(
       max_growth: bound (> 1) on ||g|| over its slow baseline, or `None`; a norm climbing
         10% a step is flagged ~50 steps in, at ~100x its baseline, long before overflow.
       warmup_steps: finite steps observed before z-scores count.
-      decay: rate of the running moments of log ||g|| after warm-up, in [0, 1).
-      baseline_decay: rate of the slow baseline, in [0, 1) (0.999: ~1000 steps of memory).
+      decay: rate of the running moments of log ||g|| after warm-up, in [0, 1].
+      baseline_decay: rate of the slow baseline, in [0, 1] (0.999: ~1000 steps of memory).
       vanishing_fraction: relative RMS below which a leaf counts as vanishing.
       ratio_floor: update-to-parameter ratio below which a leaf counts as vanishing
         (leaves whose parameters are all zero are exempt).
@@ -174,15 +180,17 @@ def health(
       >>> gx.read_health(state)["health/global_norm"]
       1.0
     """
-    check_positive("z_threshold", z_threshold)
-    check_range("max_norm", max_norm, 0.0, low_open=True)
+    if inner is not None:
+        check_transform("inner", inner)
+    check_positive("z_threshold", z_threshold, finite=False)
+    check_positive("max_norm", max_norm, finite=False, optional=True)
     check_decay("decay", decay)
     check_decay("baseline_decay", baseline_decay)
-    check_range("max_growth", max_growth, 1.0, low_open=True)
+    check_range("max_growth", max_growth, 1.0, low_open=True, finite=False, optional=True)
     check_range("vanishing_fraction", vanishing_fraction, 0.0, 1.0)
     check_range("ratio_floor", ratio_floor, 0.0)
-    check_range("patience", patience, 1)
-    check_range("warmup_steps", warmup_steps, 0)
+    check_integer("patience", patience, 1)
+    check_integer("warmup_steps", warmup_steps, 0)
 
     def init(params):
         n = len(jax.tree.leaves(params))
@@ -287,8 +295,9 @@ _BLOCK = 4096  # rows of a blocked reduction: one pass, float32 error ~1e-6 at 2
 
 def _terms(g: jax.Array, p: jax.Array | None, u: jax.Array | None) -> tuple:
     wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    out = [wide(g) ** 2, (~jnp.isfinite(g)).astype(jnp.int32), (g == 0).astype(jnp.int32)]
-    return tuple(out if p is None else [*out, wide(p) ** 2, wide(u) ** 2])
+    squares = lambda x: abs_sq(wide(x))
+    out = [squares(g), (~jnp.isfinite(g)).astype(jnp.int32), (g == 0).astype(jnp.int32)]
+    return tuple(out if p is None else [*out, squares(p), squares(u)])
 
 
 def _reduce(operands: tuple, axes: tuple[int, ...]) -> tuple:
@@ -335,10 +344,11 @@ def _per_leaf_sums(g: list, p: list | None = None, u: list | None = None) -> lis
             jnp.zeros([0], jnp.float32)
         ] * 2
     at = lambda idx: [None if xs is None else [xs[i] for i in idx] for xs in (g, p, u)]
-    large = [i for i in range(n) if g[i].size > _BLOCK]
+    alone = [i for i in range(n) if is_sharded(g[i])]  # cannot be flattened or stacked
+    large = [i for i in range(n) if g[i].size > _BLOCK and i not in alone]
     groups: list[list[int]] = []
     real = 0  # elements of the open group, before padding
-    for i in sorted(set(range(n)) - set(large), key=lambda i: g[i].size):
+    for i in sorted(set(range(n)) - set(large) - set(alone), key=lambda i: g[i].size):
         padded = (len(groups[-1]) + 1) * g[i].size if groups else 0
         if not groups or padded > SMALL_GROUP or padded > 2 * (real + g[i].size):
             groups.append([])
@@ -350,7 +360,11 @@ def _per_leaf_sums(g: list, p: list | None = None, u: list | None = None) -> lis
     for i in large:
         one = [None if xs is None else xs[i] for xs in (g, p, u)]
         pieces.append([jnp.reshape(s, 1) for s in leaf_sums(*one)])
-    order = np.argsort([i for idx in groups for i in idx] + large)  # back to the leaves' order
+    for i in alone:
+        one = [None if xs is None else xs[i] for xs in (g, p, u)]
+        sums = _reduce(_terms(*one), tuple(range(g[i].ndim)))
+        pieces.append([jnp.reshape(s, 1) for s in sums])
+    order = np.argsort([i for idx in groups for i in idx] + large + alone)  # leaves order
     stats = [jnp.concatenate(column)[order] for column in zip(*pieces, strict=True)]
     return stats if p is not None else [*stats, *[jnp.zeros([n], jnp.float32)] * 2]
 
@@ -434,7 +448,10 @@ def read_health(opt_state: Any) -> dict[str, float]:
       {'clip/norm': 5.0, 'clip/threshold': 1.0, 'clip/clipped': 1.0}
     """
     out: dict[str, float] = {}
-    for name, record in _fetched_records(opt_state):
+    fetched = _fetched_records(opt_state)
+    if any(isinstance(record, SkipIfState) for _, record in fetched):
+        out["skip/stalled"] = float(_stalled(opt_state, fetched) is not None)
+    for name, record in fetched:
         if isinstance(record, HealthState):
             for field in (
                 "global_norm",
@@ -485,6 +502,38 @@ class VanishingGradientError(GradientHealthError):
     """Some layers' gradients stayed negligible compared with the others' for many steps."""
 
 
+class StalledTrainingError(GradientHealthError):
+    """A guard skips every step and will go on doing so: training has silently stopped."""
+
+
+def _stalled(opt_state: Any, fetched: list[tuple[str, Any]]) -> str | None:
+    """Why the guarded steps can no longer be accepted, or None (`fetched`: the host copies
+    of `_records(opt_state)`).
+
+    A guard inside `optax.MultiSteps` sees the accumulated gradient: one non-finite micro-batch
+    makes the accumulator non-finite for good, and the guard then skips every later step. A
+    guard that has skipped a whole window of consecutive steps is reported too.
+    """
+    for multi in find_states(opt_state, optax.MultiStepsState):
+        guarded = find_states(multi.inner_opt_state, SkipIfState)
+        if guarded and not bool(jnp.isfinite(global_norm(multi.acc_grads))):
+            return (
+                "a guard inside `optax.MultiSteps`, whose gradient accumulator now holds "
+                "NaN/inf: every later step will be skipped. Put the guard outside the "
+                "accumulation, `gx.skip_if(optax.MultiSteps(opt, k))`, so it refuses the bad "
+                "micro-batch before it is accumulated"
+            )
+    for skip in (record for _, record in fetched if isinstance(record, SkipIfState)):
+        window, consecutive = skip.norms.shape[-1], int(np.max(skip.consecutive))
+        if consecutive >= window:
+            return (
+                f"{consecutive} consecutive steps skipped, a whole window of {window}: check "
+                "the data and the loss for NaN/inf, or pass `give_up_after=` to accept a "
+                "lasting change of scale"
+            )
+    return None
+
+
 def _top(tree: Any, k: int = 3, reverse: bool = True) -> list[tuple[str, float]]:
     items = [(_leaf_name(p), _scalar(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
     key = lambda item: (math.isfinite(item[1]), item[1]) if reverse else item[1]
@@ -498,6 +547,7 @@ def assert_healthy(
     check_exploding: bool = True,
     check_vanishing: bool = True,
     max_norm: float | None = None,
+    check_stalled: bool = True,
 ) -> None:
     """Raise if any health record in `opt_state` flags a problem on its last step.
 
@@ -512,6 +562,9 @@ def assert_healthy(
       check_exploding: raise on the exploding flag (or `max_norm`) of a finite step.
       check_vanishing: raise on the vanishing flag.
       max_norm: an extra absolute bound on the global norm, checked here.
+      check_stalled: raise `StalledTrainingError` when a `skip_if` guard skips every step
+        for good (a guard inside `optax.MultiSteps` after a non-finite micro-batch, or a
+        whole window of consecutive skips).
 
     Examples:
       >>> import gradxform as gx, jax.numpy as jnp
@@ -522,7 +575,11 @@ def assert_healthy(
       ...
       gradxform.telemetry.NonFiniteGradientError: Non-finite gradient at step 1: ...
     """
-    for name, record in _fetched_records(opt_state):
+    fetched = _fetched_records(opt_state)
+    reason = _stalled(opt_state, fetched) if check_stalled else None
+    if reason is not None:
+        raise StalledTrainingError(f"Training has stalled: {reason}.")
+    for name, record in fetched:
         if not isinstance(record, HealthState):
             continue
         step = int(_scalar(record.count))

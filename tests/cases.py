@@ -19,6 +19,7 @@ class Case(NamedTuple):
     draw: Callable[[np.random.Generator], dict[str, Any]]  # valid hyperparameters
     twin: Callable[..., optax.GradientTransformation] | None  # optax factory, same kwargs
     rtol: float = 2e-6  # float32 parity tolerance over a 20-step trajectory
+    complex_ok: bool = True  # takes complex params (optax's `clip` refuses them: so does ours)
 
 
 def _beta(rng, low=0.5, high=0.999):
@@ -38,7 +39,7 @@ def _schedule(rng):
 
 
 CASES = [
-    Case("clip", lambda r: {"max_delta": float(r.uniform(0.1, 1.0))}, optax.clip),
+    Case("clip", lambda r: {"max_delta": float(r.uniform(0.1, 1.0))}, optax.clip, complex_ok=False),
     Case(
         "clip_by_global_norm",
         lambda r: {"max_norm": float(r.uniform(0.5, 3))},
@@ -201,12 +202,17 @@ def make(case: Case, seed: int = 0) -> tuple[optax.GradientTransformation, dict[
 
 
 def random_tree(seed: int, dtypes=(jnp.float32,)) -> dict:
-    """A pytree with dict/list/tuple nesting and 0-d, 1-d, 2-d and 4-d leaves."""
+    """A pytree with dict/list/tuple nesting and 0-d, 1-d, 2-d and 4-d leaves (complex dtypes:
+    independent real and imaginary parts)."""
     keys = iter(jax.random.split(jax.random.key(seed), 8))
     dtype = iter(dtypes * 8)
 
     def leaf(shape):
-        return jax.random.normal(next(keys), shape).astype(next(dtype))
+        key, kind = next(keys), jnp.dtype(next(dtype))
+        if jnp.issubdtype(kind, jnp.complexfloating):
+            re, im = jax.random.normal(key, (2, *shape), kind.type(0).real.dtype)
+            return (re + 1j * im).astype(kind)
+        return jax.random.normal(key, shape).astype(kind)
 
     return {
         "scalar": leaf(()),
@@ -218,7 +224,8 @@ def random_tree(seed: int, dtypes=(jnp.float32,)) -> dict:
 
 def gradients_at(params, step: int):
     """Deterministic gradients of a noisy quadratic: g = params + noise(step)."""
-    noise = random_tree(1000 + step)
+    complex_dtypes = [x.dtype for x in jax.tree.leaves(params) if jnp.iscomplexobj(x)]
+    noise = random_tree(1000 + step, tuple(complex_dtypes[:1]) or (jnp.float32,))
     return jax.tree.map(lambda p, n: p + (0.5 * n).astype(p.dtype), params, noise)
 
 
@@ -239,7 +246,8 @@ def assert_trees_close(actual, expected, rtol, atol):
     that are tiny next to their tensor are not held to a tighter bound than the tensor)."""
 
     def check(a, e):
-        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(e) else np.float64
+        a, e = np.asarray(a, wide), np.asarray(e, wide)
         scale = max(float(np.max(np.abs(e), initial=0.0)), 1.0)
         np.testing.assert_allclose(a, e, rtol=rtol, atol=atol * scale)
 

@@ -185,3 +185,81 @@ def test_stable_takes_an_absolute_bound_for_guard_and_telemetry():
     assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(u))
     metrics = gx.read_health(state)
     assert metrics["skip/skipped_norm"] == 1.0 and metrics["health/exploding"] == 1.0
+
+
+# ------------------------------------------------------------------- low precision, wrappers
+
+
+def test_float16_squares_are_formed_in_the_float32_moment():
+    """g = 1e-4 squares to 1e-8, below float16's smallest subnormal: a float32 `nu` must get
+    it, or Adam divides by eps alone (a 1e4 step instead of ~1)."""
+    g = jnp.full(3, 1e-4, jnp.float16)
+    tx = gx.scale_by_adam(mu_dtype=jnp.float32, nu_dtype=jnp.float32)
+    u, state = tx.update(g, tx.init(g))
+    np.testing.assert_allclose(np.asarray(state.nu, np.float64), 1e-3 * 1e-8, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(u, np.float32), 1.0, rtol=1e-2)
+    assert u.dtype == jnp.float16
+
+
+def test_float16_training_with_dynamic_loss_scaling_converges():
+    """Least squares in float16 params, gradients of the scaled float16 loss, Adam moments in
+    float32: the loss falls and nothing goes non-finite."""
+    x = jax.random.normal(jax.random.key(0), (64, 4)).astype(jnp.float16)
+    y = x @ jnp.asarray([0.5, -1.0, 2.0, 0.25], jnp.float16)
+    params = {"w": jnp.zeros(4, jnp.float16)}
+    tx = gx.dynamic_loss_scale(gx.adam(0.05, mu_dtype=jnp.float32, nu_dtype=jnp.float32))
+    loss = lambda p: jnp.mean((x @ p["w"] - y) ** 2)
+
+    @jax.jit
+    def step(params, state):
+        scaled = jax.grad(lambda p: gx.scale_loss(loss(p), state))(params)
+        updates, state = tx.update(scaled, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    first = float(loss(params))
+    for _ in range(200):
+        params, state = step(params, state)
+    assert params["w"].dtype == jnp.float16
+    assert bool(jnp.all(jnp.isfinite(params["w"])))
+    assert float(loss(params)) < 1e-2 * first
+    assert int(state.skipped_total) < 5
+
+
+def _accumulate(tx, bad_step=2, steps=10):
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    for t in range(steps):
+        g = {"w": jnp.full(3, jnp.nan if t == bad_step else 0.1)}
+        u, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, u)
+    return params, state
+
+
+def test_guard_inside_multisteps_is_loud_not_silent():
+    """One NaN micro-batch poisons MultiSteps' accumulator for good; a guard inside it then
+    skips every later step. read_health and assert_healthy say so."""
+    _, state = _accumulate(optax.MultiSteps(gx.stable(gx.adam(1e-2)), 2))
+    assert gx.read_health(state)["skip/stalled"] == 1.0
+    with pytest.raises(gx.StalledTrainingError, match=r"gx.skip_if\(optax.MultiSteps"):
+        gx.assert_healthy(state)
+
+
+def test_guard_outside_multisteps_recovers_from_a_nan_micro_batch():
+    params, state = _accumulate(gx.skip_if(optax.MultiSteps(gx.adam(1e-2), 2)))
+    read = gx.read_health(state)
+    assert read["skip/stalled"] == 0.0 and read["skip/skipped_nonfinite"] == 1.0
+    assert float(params["w"][0]) < 0.97  # kept training: 4 accepted Adam steps of ~1e-2
+    gx.assert_healthy(state)
+
+
+def test_a_whole_window_of_skipped_steps_is_reported():
+    tx = gx.skip_if(gx.sgd(0.1), window=4, warmup_steps=2)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    for _ in range(4):
+        _, state = tx.update({"w": jnp.full(2, jnp.inf)}, state, params)
+    assert gx.read_health(state)["skip/stalled"] == 1.0
+    with pytest.raises(gx.StalledTrainingError, match="4 consecutive steps skipped"):
+        gx.assert_healthy(state)
+    gx.assert_healthy(state, check_stalled=False)

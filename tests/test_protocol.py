@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import gradxform as gx
 from tests.cases import CASES, gradients_at, make, random_tree, run
@@ -210,3 +211,109 @@ def test_compiled_program_grows_linearly_with_the_leaf_count(case):
     tx, _ = make(case)
     small, large = _compiled_size(tx, 8), _compiled_size(tx, 32)
     assert large < 4.5 * small, (small, large)
+
+
+# ------------------------------------------------------------------- the edges optax accepts
+
+
+def _traced_steps(tx, params, grads_at, steps=3):
+    """`steps` jitted updates; the state, the last updates and how often `update` was traced."""
+    traces = []
+
+    @jax.jit
+    def step(grads, state, params):
+        traces.append(None)
+        return tx.update(grads, state, params)
+
+    state = tx.init(params)
+    before = (jax.tree.structure(state), shape_dtype(state))
+    for t in range(steps):
+        updates, state = step(grads_at(t), state, params)
+        assert (jax.tree.structure(state), shape_dtype(state)) == before, t
+    return state, updates, len(traces)
+
+
+@pytest.mark.filterwarnings("error:scatter inputs have incompatible types")  # float64 into f32
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_float64_state_keeps_its_dtypes_under_x64(case):
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), random_tree(0))
+        tx, _ = make(case)
+        _, updates, traces = _traced_steps(tx, params, lambda t: gradients_at(params, t))
+        assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float64)}
+        assert traces == 1
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.complex_ok], ids=lambda c: c.name)
+def test_complex64_params_keep_state_and_update_dtypes(case):
+    params = random_tree(0, dtypes=(jnp.complex64,))
+    tx, _ = make(case)
+    _, updates, traces = _traced_steps(tx, params, lambda t: gradients_at(params, t))
+    assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.complex64)}
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(updates))
+    assert traces == 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_scalar_leaves_and_integer_buffers_behave_like_the_arrays_they_stand_for(case):
+    """Python and NumPy scalars are arrays; an int32 buffer with a None gradient is left out."""
+    loose = {"a": 0.5, "b": np.float32(-1.5), "buffer": jnp.arange(3), "w": np.ones((2, 3))}
+    loose["none"] = None  # a None leaf of the params (optax's empty subtree) stays None
+    grads = lambda t: {
+        "a": 0.25 + t,
+        "b": np.float32(2.0),
+        "buffer": None,
+        "none": None,
+        "w": np.full((2, 3), 0.5),
+    }
+    tx, _ = make(case)
+    _, updates, traces = _traced_steps(tx, loose, grads)
+    assert updates["buffer"] is None and updates["none"] is None and traces == 1
+    arrays = {"a": jnp.float32(0.5), "b": jnp.float32(-1.5), "w": jnp.ones((2, 3))}
+    same_grads = lambda t: {  # the arrays they stand for, without the buffer
+        k: jnp.asarray(v, jnp.float32) for k, v in grads(t).items() if v is not None
+    }
+    _, expected, _ = _traced_steps(tx, arrays, same_grads)
+    for key in arrays:
+        np.testing.assert_allclose(updates[key], expected[key], rtol=1e-6)
+
+
+def _explicit_mesh():
+    return jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_every_transform_runs_under_explicit_sharding_and_state_inherits_it(case):
+    P, NamedSharding = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+        params = {
+            "kernel": put(jnp.linspace(-1, 1, 64).reshape(16, 4), P("x")),
+            "bias": put(jnp.linspace(0.5, 1, 8), P("x")),  # small and sharded: no grouping
+            "scale": put(jnp.float32(0.7), P()),
+            "vector": put(jnp.linspace(-2, 2, 3), P()),
+        }
+        grads_at = lambda t: jax.tree.map(lambda p: 0.5 * p + 0.1 * (t + 1), params)
+        tx, _ = make(case)
+        state, updates, _ = _traced_steps(tx, params, grads_at, steps=2)
+    shardings = {p.shape: p.sharding for p in jax.tree.leaves(params)}
+    same = lambda x: x.sharding.is_equivalent_to(shardings[x.shape], x.ndim)
+    for u in jax.tree.leaves(updates):
+        assert same(u), (u.shape, u.sharding)
+    for leaf in jax.tree.leaves(state):  # moments and buffers shaped like a sharded param
+        if leaf.shape in ((16, 4), (8,)):
+            assert same(leaf), (leaf.shape, leaf.sharding)
+
+
+def test_add_noise_built_outside_a_mesh_makes_its_key_in_init():
+    tx = gx.add_noise(0.1, 0.55, key=3)  # built before any mesh exists
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        params = {"w": jax.device_put(jnp.zeros(8), jax.sharding.NamedSharding(mesh, P("x")))}
+        state = tx.init(params)
+        assert state.key.sharding.mesh.shape == mesh.shape  # the key lives on the mesh
+        updates, _ = jax.jit(tx.update)(params, state, params)
+    expected = optax.add_noise(0.1, 0.55, key=3)
+    theirs, _ = expected.update({"w": jnp.zeros(8)}, expected.init({"w": jnp.zeros(8)}))
+    np.testing.assert_allclose(updates["w"], theirs["w"], rtol=1e-6)
