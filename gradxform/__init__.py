@@ -4,12 +4,12 @@ Every factory returns an `optax.GradientTransformationExtraArgs`; gradxform and 
 transforms mix freely in `gx.chain` / `optax.chain` and in optax's wrappers.
 """
 
-from gradxform._base import ClipRecord as ClipRecord
 from gradxform._base import EmptyState as EmptyState
 from gradxform._base import GradientTransformation as GradientTransformation
 from gradxform._base import GradientTransformationExtraArgs as GradientTransformationExtraArgs
 from gradxform._base import chain as chain
-from gradxform._base import global_norm as global_norm
+from gradxform._records import ClipRecord as ClipRecord
+from gradxform._tree import global_norm as global_norm
 from gradxform.adaptive import ScaleByAdamState as ScaleByAdamState
 from gradxform.adaptive import ScaleByAmsgradState as ScaleByAmsgradState
 from gradxform.adaptive import ScaleByRmsState as ScaleByRmsState

@@ -12,21 +12,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from gradxform._base import (
-    GradientTransformationExtraArgs,
-    abs_sq,
-    check_decay,
-    check_dtype,
-    check_nonnegative,
-    check_same_structure,
-    gradient_transformation,
-    moment_square,
-    safe_increment,
-    step_counter,
-    tree_map_unzip,
-    zeros_like,
-)
+from gradxform._base import GradientTransformationExtraArgs, gradient_transformation, step_counter
+from gradxform._checks import check_decay, check_dtype, check_nonnegative, check_same_structure
+from gradxform._tree import abs_sq, moment_square, tree_map_unzip
 
 
 def _full_like(params: Any, value: float, dtype: Any) -> Any:
@@ -118,29 +108,9 @@ def scale_by_rms(
 
     Reference: Tieleman & Hinton, Lecture 6.5 - RMSProp, COURSERA, 2012.
     """
-    check_decay("decay", decay)
-    check_nonnegative("eps", eps)
-    check_nonnegative("initial_scale", initial_scale)
-    nu_dtype = check_dtype("nu_dtype", nu_dtype)
-
-    def init(params):
-        return ScaleByRmsState(step_counter(), _full_like(params, initial_scale, nu_dtype))
-
-    def update(updates, state, params=None):
-        del params
-        check_same_structure(updates, state.nu, "updates", "state.nu")
-        count = safe_increment(state.count)
-
-        def leaf(g, nu_prev):
-            nu = (1 - decay) * moment_square(g, nu_prev) + decay * nu_prev
-            nu_hat = _debias(nu, decay, count) if bias_correction else nu
-            scaling = jax.lax.rsqrt(nu_hat + eps) if eps_in_sqrt else 1 / (jnp.sqrt(nu_hat) + eps)
-            return (scaling * g).astype(g.dtype), nu.astype(nu_prev.dtype)
-
-        updates, nu = tree_map_unzip(leaf, updates, state.nu, n=2)
-        return updates, ScaleByRmsState(count, nu)
-
-    return gradient_transformation(init, update)
+    return _scale_by_root_of_ema(
+        decay, eps, initial_scale, eps_in_sqrt, bias_correction, None, nu_dtype, centered=False
+    )
 
 
 class ScaleByStddevState(NamedTuple):
@@ -182,34 +152,46 @@ def scale_by_stddev(
 
     Reference: Graves, Generating Sequences With Recurrent Neural Networks, 2013.
     """
+    return _scale_by_root_of_ema(
+        decay, eps, initial_scale, eps_in_sqrt, bias_correction, mu_dtype, nu_dtype, centered=True
+    )
+
+
+def _scale_by_root_of_ema(
+    decay, eps, initial_scale, eps_in_sqrt, bias_correction, mu_dtype, nu_dtype, *, centered
+) -> GradientTransformationExtraArgs:
+    """`scale_by_rms` (`centered=False`) and `scale_by_stddev` (`centered=True`): one rule,
+    g / sqrt(nu - mu**2 + eps), with the `mu` term only when centered."""
     check_decay("decay", decay)
     check_nonnegative("eps", eps)
     check_nonnegative("initial_scale", initial_scale)
     mu_dtype, nu_dtype = check_dtype("mu_dtype", mu_dtype), check_dtype("nu_dtype", nu_dtype)
 
     def init(params):
-        return ScaleByStddevState(
-            step_counter(),
-            zeros_like(params, mu_dtype),
-            _full_like(params, initial_scale, nu_dtype),
-        )
+        nu = _full_like(params, initial_scale, nu_dtype)
+        if centered:
+            return ScaleByStddevState(step_counter(), optax.tree.zeros_like(params, mu_dtype), nu)
+        return ScaleByRmsState(step_counter(), nu)
 
     def update(updates, state, params=None):
         del params
         check_same_structure(updates, state.nu, "updates", "state.nu")
-        count = safe_increment(state.count)
+        count = optax.safe_increment(state.count)
+        debias = (lambda x: _debias(x, decay, count)) if bias_correction else (lambda x: x)
 
-        def leaf(g, mu_prev, nu_prev):
-            mu = (1 - decay) * g + decay * mu_prev
+        def leaf(g, nu_prev, mu_prev=None):
             nu = (1 - decay) * moment_square(g, nu_prev) + decay * nu_prev
-            mu_hat, nu_hat = mu, nu
-            if bias_correction:
-                mu_hat, nu_hat = _debias(mu, decay, count), _debias(nu, decay, count)
-            var = nu_hat - abs_sq(mu_hat)
+            var, moments = debias(nu), (nu.astype(nu_prev.dtype),)
+            if centered:
+                mu = (1 - decay) * g + decay * mu_prev
+                var, moments = var - abs_sq(debias(mu)), (*moments, mu.astype(mu_prev.dtype))
             scaling = jax.lax.rsqrt(var + eps) if eps_in_sqrt else 1 / (jnp.sqrt(var) + eps)
-            return (scaling * g).astype(g.dtype), mu.astype(mu_prev.dtype), nu.astype(nu_prev.dtype)
+            return ((scaling * g).astype(g.dtype), *moments)
 
-        updates, mu, nu = tree_map_unzip(leaf, updates, state.mu, state.nu, n=3)
+        if not centered:
+            updates, nu = tree_map_unzip(leaf, updates, state.nu, n=2)
+            return updates, ScaleByRmsState(count, nu)
+        updates, nu, mu = tree_map_unzip(leaf, updates, state.nu, state.mu, n=3)
         return updates, ScaleByStddevState(count, mu, nu)
 
     return gradient_transformation(init, update)
@@ -269,19 +251,23 @@ def scale_by_adam(
 
     def init(params):
         return ScaleByAdamState(
-            step_counter(), zeros_like(params, mu_dtype), zeros_like(params, nu_dtype)
+            step_counter(),
+            optax.tree.zeros_like(params, mu_dtype),
+            optax.tree.zeros_like(params, nu_dtype),
         )
 
     def update(updates, state, params=None):
         del params
         check_same_structure(updates, state.mu, "updates", "state.mu")
-        count = safe_increment(state.count)
+        count = optax.safe_increment(state.count)
 
         def leaf(g, mu_prev, nu_prev):
             mu = (1 - b1) * g + b1 * mu_prev
             nu = (1 - b2) * moment_square(g, nu_prev) + b2 * nu_prev
             if nesterov:
-                m = b1 * _debias(mu, b1, safe_increment(count)) + (1 - b1) * _debias(g, b1, count)
+                m = b1 * _debias(mu, b1, optax.safe_increment(count)) + (1 - b1) * _debias(
+                    g, b1, count
+                )
             else:
                 m = _debias(mu, b1, count)
             u = m / (jnp.sqrt(_debias(nu, b2, count) + eps_root) + eps)
@@ -342,15 +328,15 @@ def scale_by_amsgrad(
     def init(params):
         return ScaleByAmsgradState(  # nu and nu_max distinct buffers, so they can be donated
             step_counter(),
-            zeros_like(params, mu_dtype),
-            zeros_like(params, nu_dtype),
-            zeros_like(params, nu_dtype),
+            optax.tree.zeros_like(params, mu_dtype),
+            optax.tree.zeros_like(params, nu_dtype),
+            optax.tree.zeros_like(params, nu_dtype),
         )
 
     def update(updates, state, params=None):
         del params
         check_same_structure(updates, state.mu, "updates", "state.mu")
-        count = safe_increment(state.count)
+        count = optax.safe_increment(state.count)
 
         def leaf(g, mu_prev, nu_prev, nu_max_prev):
             mu = (1 - b1) * g + b1 * mu_prev
@@ -398,12 +384,14 @@ def scale_by_adamax(
     _check_adam(b1, b2, eps, 0.0)
 
     def init(params):
-        return ScaleByAdamState(step_counter(), zeros_like(params), zeros_like(params))
+        return ScaleByAdamState(
+            step_counter(), optax.tree.zeros_like(params), optax.tree.zeros_like(params)
+        )
 
     def update(updates, state, params=None):
         del params
         check_same_structure(updates, state.mu, "updates", "state.mu")
-        count = safe_increment(state.count)
+        count = optax.safe_increment(state.count)
 
         def leaf(g, mu_prev, nu_prev):
             mu = (1 - b1) * g + b1 * mu_prev

@@ -11,12 +11,10 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from gradxform._base import (
-    ClipRecord,
-    GradientTransformationExtraArgs,
-    Moments,
-    abs_sq,
+from gradxform._base import GradientTransformationExtraArgs, gradient_transformation, step_counter
+from gradxform._checks import (
     check_decay,
     check_dtype,
     check_integer,
@@ -24,18 +22,10 @@ from gradxform._base import (
     check_positive,
     check_range,
     check_same_structure,
-    global_norm,
-    gradient_transformation,
-    moment_square,
-    moments_init,
-    moments_update,
-    moments_zscore,
-    no_clip_record,
-    safe_increment,
-    step_counter,
-    tree_map_unzip,
-    zeros_like,
 )
+from gradxform._moments import Moments, moments_init, moments_update, moments_zscore
+from gradxform._records import ClipRecord, no_clip_record
+from gradxform._tree import abs_sq, global_norm, moment_square, tree_map_unzip
 from gradxform.clipping import clip_to_norm
 
 
@@ -88,7 +78,7 @@ def autoclip(
         finite = jnp.isfinite(norm)
         slot = state.written % history
         norms = state.norms.at[slot].set(jnp.where(finite, norm, state.norms[slot]))
-        written = jnp.where(finite, safe_increment(state.written), state.written)
+        written = jnp.where(finite, optax.safe_increment(state.written), state.written)
         n = jnp.minimum(written, history)
         ordered = jnp.sort(jnp.where(jnp.arange(history) < n, norms, jnp.inf))
         position = percentile / 100.0 * (jnp.maximum(n, 1) - 1).astype(jnp.float32)
@@ -98,7 +88,7 @@ def autoclip(
         threshold = jnp.where(n > 0, threshold, jnp.inf)
         updates, clipped = clip_to_norm(updates, norm, threshold)
         record = ClipRecord(norm, threshold, clipped)
-        return updates, AutoClipState(safe_increment(state.count), written, norms, record)
+        return updates, AutoClipState(optax.safe_increment(state.count), written, norms, record)
 
     return gradient_transformation(init, update)
 
@@ -179,7 +169,7 @@ def zclip(
         absorbed = jnp.minimum(norm, threshold)
         moments = moments_update(m, absorbed, alpha, warmup_steps, jnp.isfinite(norm))
         record = ClipRecord(norm, threshold, clipped)
-        return updates, ZClipState(safe_increment(state.count), moments, record)
+        return updates, ZClipState(optax.safe_increment(state.count), moments, record)
 
     return gradient_transformation(init, update)
 
@@ -248,7 +238,11 @@ def scale_by_spam(
     def init(params):
         c = step_counter  # every leaf its own buffer, so the state can be donated
         return ScaleBySpamState(
-            c(), c(), zeros_like(params, mu_dtype), zeros_like(params, nu_dtype), c()
+            c(),
+            c(),
+            optax.tree.zeros_like(params, mu_dtype),
+            optax.tree.zeros_like(params, nu_dtype),
+            c(),
         )
 
     def update(updates, state, params=None):
@@ -256,7 +250,7 @@ def scale_by_spam(
         check_same_structure(updates, state.mu, "updates", "state.mu")
         reset = (state.count > 0) & (state.count % reset_interval == 0)
         since = jnp.where(reset, 0, state.since_reset)
-        k = safe_increment(since)
+        k = optax.safe_increment(since)
         ramp = jnp.minimum(k / jnp.maximum(warmup_steps, 1), 1.0)
         warm = jnp.where(
             (state.count >= reset_interval) & (warmup_steps > 0),
@@ -280,6 +274,6 @@ def scale_by_spam(
 
         out, mu, nu, spikes = tree_map_unzip(leaf, updates, state.mu, state.nu, n=4)
         total = sum(jax.tree.leaves(spikes), jnp.zeros([], jnp.int32))
-        return out, ScaleBySpamState(safe_increment(state.count), k, mu, nu, total)
+        return out, ScaleBySpamState(optax.safe_increment(state.count), k, mu, nu, total)
 
     return gradient_transformation(init, update)

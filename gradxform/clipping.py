@@ -13,23 +13,22 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from gradxform._base import (
-    ClipRecord,
     GradientTransformationExtraArgs,
     ScalarOrSchedule,
-    abs_sq,
-    check_positive,
-    check_slots,
-    global_norm,
     gradient_transformation,
-    is_sharded,
-    no_clip_record,
     resolve,
-    safe_increment,
-    scale_leaf,
-    stack_scalars,
     step_counter,
+)
+from gradxform._checks import check_positive
+from gradxform._records import ClipRecord, check_slots, no_clip_record, stack_scalars
+from gradxform._tree import (
+    abs_sq,
+    global_norm,
+    is_sharded,
+    scale_leaf,
     sum_of_squares,
     tree_map_unzip,
 )
@@ -90,7 +89,7 @@ def clip(max_delta: ScalarOrSchedule) -> GradientTransformationExtraArgs:
             lambda g: jnp.clip(g, -delta.astype(g.dtype), delta.astype(g.dtype)), updates
         )
         record = ClipRecord(peak, delta, peak > delta)
-        return updates, ClipState(safe_increment(state.count), record)
+        return updates, ClipState(optax.safe_increment(state.count), record)
 
     return gradient_transformation(init, update)
 
@@ -131,7 +130,7 @@ def clip_by_global_norm(
         norm = global_norm(updates, axis_name)
         updates, clipped = clip_to_norm(updates, norm, bound)
         record = ClipRecord(*(jnp.asarray(x, jnp.float32) for x in (norm, bound)), clipped)
-        return updates, ClipState(safe_increment(state.count), record)
+        return updates, ClipState(optax.safe_increment(state.count), record)
 
     return gradient_transformation(init, update)
 
@@ -155,7 +154,7 @@ def _per_leaf_clip(name: str, statistic, threshold_name: str, threshold: ScalarO
         updates, stats = tree_map_unzip(leaf, updates, n=2, per_shape=False)
         norm = stack_scalars(jax.tree.leaves(stats), jnp.float32)
         record = ClipRecord(norm, bound, norm > bound, state.record.leaves)
-        return updates, ClipState(safe_increment(state.count), record)
+        return updates, ClipState(optax.safe_increment(state.count), record)
 
     return gradient_transformation(init, update)
 
@@ -293,6 +292,6 @@ def adaptive_grad_clip(
         updates, peaks = tree_map_unzip(lambda g, p: leaf(g, p, bound), updates, params, n=2)
         peak = stack_scalars(jax.tree.leaves(peaks), jnp.float32)
         record = ClipRecord(peak, bound, peak > bound, state.record.leaves)
-        return updates, AdaptiveGradClipState(safe_increment(state.count), record)
+        return updates, AdaptiveGradClipState(optax.safe_increment(state.count), record)
 
     return gradient_transformation(init, update)

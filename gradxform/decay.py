@@ -19,13 +19,11 @@ import optax
 from gradxform._base import (
     GradientTransformationExtraArgs,
     ScalarOrSchedule,
-    check_nonnegative,
     gradient_transformation,
-    path_name,
     resolve,
-    safe_increment,
     step_counter,
 )
+from gradxform._checks import check_nonnegative, path_name
 
 Mask = Any | Callable[[Any], Any]
 
@@ -47,7 +45,7 @@ def _add_param_term(
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("Weight decay needs `params`: call `update(g, state, params)`.")
-        new_state = AddDecayedWeightsState(safe_increment(state.count))
+        new_state = AddDecayedWeightsState(optax.safe_increment(state.count))
         if isinstance(weight_decay, int | float) and weight_decay == 0:
             return updates, new_state
         wd = resolve(weight_decay, state.count)

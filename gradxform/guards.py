@@ -17,20 +17,15 @@ import numpy as np
 import optax
 
 from gradxform._base import (
-    LOG_NORM_MIN_STD,
     GradientTransformationExtraArgs,
     chain,
-    check_integer,
-    check_positive,
-    check_range,
-    check_transform,
-    find_states,
-    global_norm,
     gradient_transformation,
-    safe_increment,
-    scale_leaf,
     step_counter,
 )
+from gradxform._checks import check_integer, check_positive, check_range, check_transform
+from gradxform._moments import LOG_NORM_MIN_STD
+from gradxform._records import find_states
+from gradxform._tree import global_norm, scale_leaf
 
 
 def _zero_where(skip: jax.Array, updates: Any) -> Any:
@@ -180,14 +175,14 @@ def skip_if(
 
         slot = state.written % window
         keep = lambda buf, x: buf.at[slot].set(jnp.where(skip, buf[slot], x))
-        count_if = lambda total, cond: jnp.where(cond, safe_increment(total), total)
+        count_if = lambda total, cond: jnp.where(cond, optax.safe_increment(total), total)
         new_state = SkipIfState(
-            count=safe_increment(state.count),
+            count=optax.safe_increment(state.count),
             written=count_if(state.written, ~skip),
             norms=keep(state.norms, log_norm),
             losses=keep(state.losses, loss_value),
             skipped=skip,
-            consecutive=jnp.where(skip, safe_increment(state.consecutive), 0),
+            consecutive=jnp.where(skip, optax.safe_increment(state.consecutive), 0),
             skipped_nonfinite=count_if(state.skipped_nonfinite, bad),
             skipped_norm=count_if(state.skipped_norm, spike & norm_spike),
             skipped_loss=count_if(state.skipped_loss, spike & loss_spike & ~norm_spike),
@@ -267,12 +262,12 @@ def dynamic_loss_scale(
             jnp.maximum(state.scale * backoff_factor, min_scale),
         )
         new_state = DynamicLossScaleState(
-            count=safe_increment(state.count),
+            count=optax.safe_increment(state.count),
             scale=scale,
-            good_steps=jnp.where(finite & ~grow, safe_increment(state.good_steps), 0),
+            good_steps=jnp.where(finite & ~grow, optax.safe_increment(state.good_steps), 0),
             skipped=~finite,
             skipped_total=jnp.where(
-                finite, state.skipped_total, safe_increment(state.skipped_total)
+                finite, state.skipped_total, optax.safe_increment(state.skipped_total)
             ),
             inner=optax.tree.where(finite, inner_state, state.inner),
         )

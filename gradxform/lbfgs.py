@@ -20,11 +20,10 @@ from gradxform._base import (
     GradientTransformationExtraArgs,
     Params,
     Updates,
-    check_range,
     gradient_transformation,
-    safe_increment,
     step_counter,
 )
+from gradxform._checks import check_range
 from gradxform.learning_rate import scale, scale_by_learning_rate
 
 
@@ -171,7 +170,7 @@ def scale_by_lbfgs(
         direction = _two_loop(updates, state, gamma, newest)
         record = LbfgsRecord(sy, started & (sy == 0), gamma)
         return direction, state._replace(
-            count=safe_increment(state.count),
+            count=optax.safe_increment(state.count),
             params=_cast_like(params, state.params),
             updates=_cast_like(updates, state.updates),
             record=record,

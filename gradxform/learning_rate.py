@@ -7,17 +7,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from gradxform._base import (
     EmptyState,
     GradientTransformationExtraArgs,
     ScalarOrSchedule,
-    check_nonnegative,
-    check_range,
     gradient_transformation,
-    safe_increment,
     step_counter,
 )
+from gradxform._checks import check_nonnegative, check_range
 
 
 def scale(step_size: float | jax.Array) -> GradientTransformationExtraArgs:
@@ -84,7 +83,7 @@ def scale_by_schedule(
         del params
         step_size = step_size_fn(state.count)
         updates = jax.tree.map(lambda g: jnp.asarray(step_size, g.dtype) * g, updates)
-        return updates, ScaleByScheduleState(safe_increment(state.count))
+        return updates, ScaleByScheduleState(optax.safe_increment(state.count))
 
     return gradient_transformation(init, update)
 

@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradxform._base import GradientTransformation, Params, check_range, global_norm
+from gradxform._base import GradientTransformation, Params
+from gradxform._checks import check_range
+from gradxform._tree import global_norm
 from gradxform.lbfgs import lbfgs
 
 

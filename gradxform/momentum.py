@@ -9,18 +9,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import optax
 
-from gradxform._base import (
-    GradientTransformationExtraArgs,
-    check_dtype,
-    check_range,
-    check_same_structure,
-    gradient_transformation,
-    safe_increment,
-    step_counter,
-    tree_map_unzip,
-    zeros_like,
-)
+from gradxform._base import GradientTransformationExtraArgs, gradient_transformation, step_counter
+from gradxform._checks import check_dtype, check_range, check_same_structure
+from gradxform._tree import tree_map_unzip
 
 
 class TraceState(NamedTuple):
@@ -55,7 +48,7 @@ def trace(
     accumulator_dtype = check_dtype("accumulator_dtype", accumulator_dtype)
 
     def init(params):
-        return TraceState(zeros_like(params, accumulator_dtype))
+        return TraceState(optax.tree.zeros_like(params, accumulator_dtype))
 
     def leaf(g, m_prev):
         m = g + decay * m_prev
@@ -101,12 +94,12 @@ def ema(
     accumulator_dtype = check_dtype("accumulator_dtype", accumulator_dtype)
 
     def init(params):
-        return EmaState(step_counter(), zeros_like(params, accumulator_dtype))
+        return EmaState(step_counter(), optax.tree.zeros_like(params, accumulator_dtype))
 
     def update(updates, state, params=None):
         del params
         check_same_structure(updates, state.ema, "updates", "state.ema")
-        count = safe_increment(state.count)
+        count = optax.safe_increment(state.count)
         correction = 1 - decay**count  # float32: decay**t rounds to 1 in low precision
 
         def leaf(g, m_prev):

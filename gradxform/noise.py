@@ -9,14 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradxform._base import (
-    GradientTransformationExtraArgs,
-    check_integer,
-    check_nonnegative,
-    gradient_transformation,
-    safe_increment,
-    step_counter,
-)
+from gradxform._base import GradientTransformationExtraArgs, gradient_transformation, step_counter
+from gradxform._checks import check_integer, check_nonnegative
 
 
 class AddNoiseState(NamedTuple):
@@ -87,7 +81,7 @@ def add_noise(
 
     def update(updates, state, params=None):
         del params
-        count = safe_increment(state.count)
+        count = optax.safe_increment(state.count)
         std = jnp.sqrt(eta / count**gamma)
         next_key, sample_key = jax.random.split(jax.random.wrap_key_data(state.key, impl=impl))
         noise = optax.tree.random_like(sample_key, updates, jax.random.normal)

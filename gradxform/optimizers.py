@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradxform._base import GradientTransformationExtraArgs, ScalarOrSchedule, chain, check_range
+from gradxform._base import GradientTransformationExtraArgs, ScalarOrSchedule, chain
+from gradxform._checks import check_range
 from gradxform.adaptive import (
     scale_by_adam,
     scale_by_adamax,
@@ -278,19 +279,11 @@ def amsgrad(
 
     Reference: Reddi et al., 2018.
     """
-    return chain(
-        scale_by_amsgrad(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            mu_dtype,
-            bias_correction_mu,
-            bias_correction_nu,
-            nu_dtype=nu_dtype,
-        ),
-        scale_by_learning_rate(learning_rate),
-    )
+    scaling = scale_by_amsgrad(
+        b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+        bias_correction_mu=bias_correction_mu, bias_correction_nu=bias_correction_nu,
+    )  # fmt: skip
+    return chain(scaling, scale_by_learning_rate(learning_rate))
 
 
 def adamax(

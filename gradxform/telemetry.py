@@ -19,33 +19,25 @@ import numpy as np
 import optax
 from jax.experimental import checkify
 
-from gradxform._base import (
-    LOG_NORM_MIN_STD,
-    SMALL_GROUP,
-    ClipRecord,
-    EmptyState,
-    GradientTransformationExtraArgs,
-    Moments,
-    abs_sq,
+from gradxform._base import EmptyState, GradientTransformationExtraArgs, gradient_transformation
+from gradxform._checks import (
     check_decay,
     check_integer,
     check_positive,
     check_range,
-    check_slots,
     check_transform,
-    find_states,
-    global_norm,
-    gradient_transformation,
-    is_sharded,
-    leaf_slots,
-    moments_update,
-    moments_zscore,
-    once_per_shape,
     path_name,
-    safe_increment,
+)
+from gradxform._moments import LOG_NORM_MIN_STD, Moments, moments_update, moments_zscore
+from gradxform._records import (
+    ClipRecord,
+    check_slots,
+    find_states,
+    leaf_slots,
     stack_scalars,
     unflatten_vector,
 )
+from gradxform._tree import SMALL_GROUP, abs_sq, global_norm, is_sharded, once_per_shape
 from gradxform.adaptive_clipping import AutoClipState, ScaleBySpamState, ZClipState
 from gradxform.clipping import AdaptiveGradClipState, ClipState
 from gradxform.guards import DynamicLossScaleState, SkipIfState
@@ -234,7 +226,7 @@ def health(
         low = (rms < vanishing_fraction * jnp.max(rms, initial=0.0)) | (
             (ratios < ratio_floor) & (p_norms > 0)
         )
-        streak = jnp.where(jnp.any(low), safe_increment(state.vanishing_streak), 0)
+        streak = jnp.where(jnp.any(low), optax.safe_increment(state.vanishing_streak), 0)
         if with_params:  # an all-zero update (a skipped step) is no evidence
             streak = jnp.where(jnp.sum(u_sq) > 0, streak, state.vanishing_streak)
 
@@ -262,7 +254,7 @@ def health(
             growth_bound=state.growth_bound,
         )
         ints = dict(
-            count=safe_increment(state.count),
+            count=optax.safe_increment(state.count),
             nonfinite=nonfinite,
             log_norm_n=log_moments.n,
             baseline_n=baseline.n,

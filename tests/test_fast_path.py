@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import gradxform as gx
-from gradxform import _base, telemetry
+from gradxform import _tree as tree_maths
+from gradxform import telemetry
 
 
 def _tree(key):
@@ -24,8 +25,8 @@ def _tree(key):
 
 @pytest.mark.parametrize("small_leaf,small_group", [(1 << 14, 1 << 20), (100, 300), (0, 1)])
 def test_grouped_global_norm_matches_float64(monkeypatch, small_leaf, small_group):
-    monkeypatch.setattr(_base, "SMALL_LEAF", small_leaf)
-    monkeypatch.setattr(_base, "SMALL_GROUP", small_group)
+    monkeypatch.setattr(tree_maths, "SMALL_LEAF", small_leaf)
+    monkeypatch.setattr(tree_maths, "SMALL_GROUP", small_group)
     tree = _tree(jax.random.key(2))
     expected = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
     for norm in (gx.global_norm(tree), jax.jit(lambda t: gx.global_norm(t))(tree)):  # a fresh trace
@@ -57,7 +58,7 @@ def test_leaf_rules_are_traced_once_per_shape_under_jit_and_run_eagerly_otherwis
     tree = {f"w{i}": jnp.ones((4, 4)) for i in range(20)} | {"b": jnp.ones(3)}
     expected = jax.tree.map(rule, tree, tree)
     calls.clear()
-    map_rule = lambda t: jax.tree.map(_base.once_per_shape(rule, jax.tree.leaves(t)), t, t)
+    map_rule = lambda t: jax.tree.map(tree_maths.once_per_shape(rule, jax.tree.leaves(t)), t, t)
     got = jax.jit(map_rule)(tree)
     assert sorted(calls) == [(3,), (4, 4)]
     jax.tree.map(np.testing.assert_array_equal, got, expected)
@@ -81,7 +82,7 @@ def test_per_shape_tracing_only_when_staged():
     seen = []
 
     def probe(tree):
-        seen.append(_base.once_per_shape(rule, jax.tree.leaves(tree)))
+        seen.append(tree_maths.once_per_shape(rule, jax.tree.leaves(tree)))
         return tree
 
     jax.vmap(probe)(jnp.ones((3, 2)))  # eager vmap: a fresh jit here would compile every step
