@@ -574,58 +574,81 @@ def assert_healthy(
     for name, record in fetched:
         if not isinstance(record, HealthState):
             continue
-        step = int(_scalar(record.count))
-        norm = _scalar(record.global_norm)
-        if check_nonfinite and _scalar(record.nonfinite) > 0:
-            bad = [
-                n for n, v in _top(record.per_leaf("leaf_norms"), k=10**9) if not math.isfinite(v)
-            ]
-            raise NonFiniteGradientError(
-                f"Non-finite gradient at step {step}: {int(_scalar(record.nonfinite))} NaN/inf "
-                f"values, in {', '.join(bad) or 'the global norm'} ({name}). Remedies: lower the "
-                "learning rate or add warm-up, clip (`gx.clip_by_global_norm`, `gx.zclip`), "
-                "guard the step (`gx.skip_if`, `gx.stable`), use loss scaling in low precision."
-            )
-        if not (_scalar(record.nonfinite) == 0 and math.isfinite(norm)):
-            continue  # a non-finite step is reported as such (or deliberately not)
+        errors = (
+            check_nonfinite and _nonfinite_error(name, record),
+            check_exploding and _explosion_error(name, record, max_norm),
+            check_vanishing and _vanishing_error(name, record),
+        )
+        for error in errors:
+            if error:
+                raise error
+
+
+def _finite_step(record: HealthState) -> bool:
+    """No NaN/inf on the record's step: only such a step is judged for explosion or vanishing
+    (a non-finite one is reported as such, or deliberately not)."""
+    return _scalar(record.nonfinite) == 0 and math.isfinite(_scalar(record.global_norm))
+
+
+def _nonfinite_error(name: str, record: HealthState) -> GradientHealthError | None:
+    """The error for a step with NaN/inf gradient values, naming the leaves that hold them."""
+    if _scalar(record.nonfinite) == 0:
+        return None
+    leaf_norms = _top(record.per_leaf("leaf_norms"), k=10**9)
+    bad = [n for n, v in leaf_norms if not math.isfinite(v)]
+    return NonFiniteGradientError(
+        f"Non-finite gradient at step {int(_scalar(record.count))}: "
+        f"{int(_scalar(record.nonfinite))} NaN/inf values, in "
+        f"{', '.join(bad) or 'the global norm'} ({name}). Remedies: lower the learning rate or "
+        "add warm-up, clip (`gx.clip_by_global_norm`, `gx.zclip`), guard the step "
+        "(`gx.skip_if`, `gx.stable`), use loss scaling in low precision."
+    )
+
+
+def _explosion_error(
+    name: str, record: HealthState, max_norm: float | None
+) -> GradientHealthError | None:
+    """The error for a finite step flagged `exploding` (or above `max_norm`), naming the bound
+    it crossed and the largest leaves."""
+    norm = _scalar(record.global_norm)
+    if not _finite_step(record):
+        return None
+    norm_bound = min(_scalar(record.norm_bound), math.inf if max_norm is None else max_norm)
+    if not (bool(_scalar(record.exploding)) or norm > norm_bound):
+        return None
+    growth, growth_bound = _scalar(record.growth), _scalar(record.growth_bound)
+    if norm > norm_bound:
+        bound = f"> bound {norm_bound:g}"
+    elif growth > growth_bound:
+        bound = f"{growth:.3g}x its running baseline > {growth_bound:g}x"
+    else:
         z, z_bound = _scalar(record.z_score), _scalar(record.z_bound)
-        norm_bound = min(_scalar(record.norm_bound), math.inf if max_norm is None else max_norm)
-        if check_exploding and (bool(_scalar(record.exploding)) or norm > norm_bound):
-            culprits = ", ".join(
-                f"{n} (norm {v:.3g})" for n, v in _top(record.per_leaf("leaf_norms"))
-            )
-            growth, growth_bound = _scalar(record.growth), _scalar(record.growth_bound)
-            if norm > norm_bound:
-                bound = f"> bound {norm_bound:g}"
-            elif growth > growth_bound:
-                bound = f"{growth:.3g}x its running baseline > {growth_bound:g}x"
-            else:
-                bound = f"z-score {z:.1f} of log-norm > {z_bound:g} over its running history"
-            raise GradientExplosionError(
-                f"Gradient explosion at step {step}: global norm {norm:.4g} ({bound}); largest "
-                f"in {culprits} ({name}). Remedies: clip (`gx.clip_by_global_norm`, "
-                "`gx.zclip`, `gx.adaptive_grad_clip`), lower the learning rate or add warm-up, "
-                "skip spikes (`gx.skip_if`), normalisation layers."
-            )
-        if check_vanishing and bool(_scalar(record.vanishing)):
-            low = [
-                _leaf_name(p)
-                for p, flag in jax.tree_util.tree_leaves_with_path(
-                    record.per_leaf("vanishing_leaves")
-                )
-                if bool(_scalar(flag))
-            ]
-            smallest = ", ".join(
-                f"{n} (norm {v:.3g})" for n, v in _top(record.per_leaf("leaf_norms"), reverse=False)
-            )
-            raise VanishingGradientError(
-                f"Vanishing gradients at step {step}: {len(low)} leaves ({', '.join(low[:5])}"
-                f"{', ...' if len(low) > 5 else ''}) below the bounds for "
-                f"{int(_scalar(record.vanishing_streak))} steps; smallest: {smallest} ({name}). "
-                "Remedies: He/Xavier initialisation, normalisation layers, residual "
-                "connections, ReLU/Leaky ReLU, an adaptive optimizer (`gx.adam`), a larger "
-                "learning rate for early layers."
-            )
+        bound = f"z-score {z:.1f} of log-norm > {z_bound:g} over its running history"
+    culprits = ", ".join(f"{n} (norm {v:.3g})" for n, v in _top(record.per_leaf("leaf_norms")))
+    return GradientExplosionError(
+        f"Gradient explosion at step {int(_scalar(record.count))}: global norm {norm:.4g} "
+        f"({bound}); largest in {culprits} ({name}). Remedies: clip (`gx.clip_by_global_norm`, "
+        "`gx.zclip`, `gx.adaptive_grad_clip`), lower the learning rate or add warm-up, skip "
+        "spikes (`gx.skip_if`), normalisation layers."
+    )
+
+
+def _vanishing_error(name: str, record: HealthState) -> GradientHealthError | None:
+    """The error for a finite step flagged `vanishing`, naming the leaves below the bounds."""
+    if not _finite_step(record) or not bool(_scalar(record.vanishing)):
+        return None
+    flags = jax.tree_util.tree_leaves_with_path(record.per_leaf("vanishing_leaves"))
+    low = [_leaf_name(path) for path, flag in flags if bool(_scalar(flag))]
+    leaf_norms = _top(record.per_leaf("leaf_norms"), reverse=False)
+    smallest = ", ".join(f"{n} (norm {v:.3g})" for n, v in leaf_norms)
+    return VanishingGradientError(
+        f"Vanishing gradients at step {int(_scalar(record.count))}: {len(low)} leaves "
+        f"({', '.join(low[:5])}{', ...' if len(low) > 5 else ''}) below the bounds for "
+        f"{int(_scalar(record.vanishing_streak))} steps; smallest: {smallest} ({name}). "
+        "Remedies: He/Xavier initialisation, normalisation layers, residual connections, "
+        "ReLU/Leaky ReLU, an adaptive optimizer (`gx.adam`), a larger learning rate for early "
+        "layers."
+    )
 
 
 def check_healthy(opt_state: Any) -> None:
