@@ -14,7 +14,7 @@ MODELS = ("mlp", "cnn")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "tanh", "elu")
 INITS = ("he", "lecun", "glorot", "he_uniform")
 IMPLS = ("gradxform", "optax")
-OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "adamw", "nadam", "amsgrad", "adamax")
+OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "adamw", "nadam", "amsgrad", "adamax", "lbfgs")
 SCHEDULES = ("constant", "cosine", "linear", "exponential")
 PARALLEL = ("none", "pmap", "sharded")
 ON_INSTABILITY = ("stop", "skip", "warn")
@@ -28,6 +28,25 @@ NOT_NUMERIC = (
     "check",
 )
 
+# `--optimizer lbfgs` (full batch) refuses these fields unless they keep their defaults: why.
+_LINE_SEARCH = "takes every step size from its line search"
+_TRUE_LOSS = "needs the loss's own value and gradient for its line search"
+_SAME_LOSS = "needs the same loss at every line-search point"
+_NONE = "has no such hyperparameter"
+FULL_BATCH_REFUSED = {
+    "batch_size": "uses the whole training set in every step", "parallel": "runs on one device",
+    "lr": _LINE_SEARCH, "lr_schedule": _LINE_SEARCH, "warmup": _LINE_SEARCH,
+    "momentum": _NONE, "nesterov": _NONE, "b1": _NONE, "b2": _NONE, "eps": _NONE,
+    "rms_decay": _NONE, "centered": _NONE,
+    "weight_decay": _TRUE_LOSS, "l1": _TRUE_LOSS, "clip_value": _TRUE_LOSS,
+    "clip_global_norm": _TRUE_LOSS, "clip_leaf_norm": _TRUE_LOSS, "clip_block_rms": _TRUE_LOSS,
+    "agc": _TRUE_LOSS, "noise_eta": _TRUE_LOSS, "noise_gamma": _TRUE_LOSS, "stable": _TRUE_LOSS,
+    "batch_norm": _SAME_LOSS, "dropout": _SAME_LOSS,
+    "on_instability": "stops at an exploding gradient and never steps to a non-finite loss",
+    "check": "has no per-step loop for chexify to check",
+    "log_every": "writes a metrics line after each chunk of `--eval-every` steps",
+}  # fmt: skip
+
 
 class UsageError(ValueError):
     """A flag or configuration value is invalid; the message says which and what to use."""
@@ -38,7 +57,9 @@ class Config:
     """Defaults give the README's first run: a CNN on scikit-learn digits, AdamW, cosine decay.
 
     Constructing one checks every field (`UsageError` naming the flag); `warmup=None` becomes
-    `min(50, steps // 10)`, so that `config.json` always holds the number used.
+    `min(50, steps // 10)` (0 for `lbfgs`, which has none), so that `config.json` always holds
+    the number used. `optimizer="lbfgs"` trains full batch (`full_batch.py`): the fields in
+    `FULL_BATCH_REFUSED` must keep their defaults.
     """
 
     # data
@@ -94,7 +115,8 @@ class Config:
 
     def __post_init__(self):
         if self.warmup is None:
-            object.__setattr__(self, "warmup", min(50, self.steps // 10))
+            warmup = 0 if self.optimizer == "lbfgs" else min(50, self.steps // 10)
+            object.__setattr__(self, "warmup", warmup)
         object.__setattr__(self, "channels", tuple(self.channels))
         _validate(self)
 
@@ -192,8 +214,27 @@ def _validate(cfg: Config) -> None:
     if len(cfg.channels) != 2 or any(not isinstance(c, int) or c < 1 for c in cfg.channels):
         given = ",".join(map(str, cfg.channels))
         raise UsageError(f"`--channels` must be two positive integers like 32,64; got {given}.")
-    if cfg.warmup >= cfg.steps and cfg.lr_schedule != "constant":
+    if cfg.optimizer == "lbfgs":
+        _check_full_batch(cfg)
+    elif cfg.warmup >= cfg.steps and cfg.lr_schedule != "constant":
         raise UsageError(
             f"`--warmup` ({cfg.warmup}) must be smaller than `--steps` ({cfg.steps}) "
             f"with `--lr-schedule {cfg.lr_schedule}`."
         )
+
+
+def _check_full_batch(cfg: Config) -> None:
+    """Refuse the flags that have no meaning for full-batch L-BFGS (`FULL_BATCH_REFUSED`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)} | {"warmup": 0}
+    for name, why in FULL_BATCH_REFUSED.items():
+        if getattr(cfg, name) != defaults[name]:
+            raise UsageError(
+                f"{flag(name)} does not apply to `--optimizer lbfgs`, which {why}; drop it."
+            )
+
+
+def free_on_resume(cfg: Config) -> tuple[str, ...]:
+    """The fields a resumed run may change: `steps` (to train longer) and `NOT_NUMERIC`; with
+    `lbfgs` not `eval_every`, because its chunks end there and each restarts L-BFGS."""
+    free = (*NOT_NUMERIC, "steps")
+    return tuple(f for f in free if not (cfg.optimizer == "lbfgs" and f == "eval_every"))

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` and `gradxform
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples import config
-from examples.config import NOT_NUMERIC, Config, UsageError
+from examples.config import Config, UsageError
 
 _D = Config()
 PROG = "python examples/train.py"
@@ -210,7 +210,7 @@ def configure(args: argparse.Namespace) -> tuple[Config, Path, bool]:
     saved = Config.from_dict(
         from_process_0(lambda: dataclasses.asdict(Config.load(Path(resume) / "config.json")))
     )
-    free = (*NOT_NUMERIC, "steps")
+    free = config.free_on_resume(saved)
     conflicts = {
         k: (v, getattr(saved, k))
         for k, v in given.items()
@@ -276,13 +276,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _print_summary(s: dict) -> None:
     acc = "n/a" if s["test_accuracy"] is None else f"{s['test_accuracy']:.4f}"
     rate = "n/a" if s["steps_per_s"] is None else f"{s['steps_per_s']:.1f}"
+    lbfgs = ""
+    if "fun_evals" in s:  # --optimizer lbfgs
+        lbfgs = (
+            f"L-BFGS           {s['steps_done']} steps, {s['fun_evals']} loss evaluations, "
+            f"{_stop_reason(s)}\n"
+        )
     print(
-        f"\ntest accuracy    {acc}\n"
+        f"\ntest accuracy    {acc}\n{lbfgs}"
         f"steps/s          {rate} (startup {s['startup_s'] or 0:.1f} s, wall {s['wall_s']:.1f} s, "
         f"{s['devices']} device(s), --parallel {s['parallel']})\n"
         f"gradient health  {s['health']}\n"
         f"run directory    {s['run_dir']}"
     )
+
+
+def _stop_reason(s: dict) -> str:
+    norm = f"gradient norm {s['grad_norm']:.3g}"
+    if s["converged"]:
+        return f"converged ({norm} <= {s['tol']:g})"
+    if s["stop_reason"] == "line search":
+        return f"not converged: the line search found no lower loss ({norm})"
+    return f"not converged: {norm} > {s['tol']:g} after `--steps` {s['steps']}"
 
 
 if __name__ == "__main__":

@@ -304,6 +304,8 @@ _HINTS = {  # (flag to suggest, Config field that means it is already given)
 
 def _hint(cfg: Config, kind: type) -> str:
     """The flags that may help against `kind`, leaving out those `cfg` already has."""
+    if cfg.optimizer == "lbfgs":  # it refuses the others (config.FULL_BATCH_REFUSED)
+        return "a smaller `--init-scale`, or a higher `--max-grad-norm` if such norms are expected"
     hints = [text for text, field in _HINTS[kind] if field is None or getattr(cfg, field) is None]
     if cfg.on_instability != "skip" and not cfg.stable:
         hints.append("`--on-instability skip`")
@@ -379,6 +381,12 @@ def verdict(
         parts.append(f"VANISHING: {weak}")
     if parts:
         return " | ".join(parts)
+    if "grad_norm_max" not in records[-1]:  # full batch: the gradient at each logged step
+        first, last = records[0], records[-1]
+        return (
+            f"healthy: full-batch gradient norm {first['grad_norm']:.3g} at step "
+            f"{first['step']}, {last['grad_norm']:.3g} at step {last['step']}"
+        )
     peak = max(records, key=lambda r: r["grad_norm_max"])
     return (
         f"healthy: max global grad norm {peak['grad_norm_max']:.3g} (by step {peak['step']}), "

@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 import gradxform as gx
 from examples import data as data_lib
 from examples import models, runlog
-from examples.config import NOT_NUMERIC, Config, UsageError
+from examples.config import Config, UsageError, free_on_resume
 from gradxform.plots import plot_health
 
 AXIS = "data"
@@ -133,6 +133,8 @@ def _optimizer(cfg: Config, lib, lr: optax.Schedule) -> optax.GradientTransforma
         )
     if cfg.optimizer == "adam":
         return lib.adam(lr, **adam, nesterov=cfg.nesterov)
+    if cfg.optimizer == "lbfgs":  # full batch, step sizes from its line search (full_batch.py)
+        return lib.lbfgs()
     return getattr(lib, cfg.optimizer)(lr, **adam)  # adamax, nadam, amsgrad
 
 
@@ -249,8 +251,11 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, jax
     return eval_step
 
 
-def _evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray, chunk: int = 1000) -> dict:
-    """Test loss and accuracy; the last chunk is padded and masked, so one compiled shape."""
+def _evaluate(
+    eval_step, state, images: np.ndarray, labels: np.ndarray, chunk: int = 1000, name: str = "test"
+) -> dict:
+    """`{name}_loss` and `{name}_accuracy` (test by default) over `images`; the last chunk is
+    padded and masked, so one compiled shape."""
     n = len(labels)
     chunk = min(chunk, n)
     loss = correct = 0.0
@@ -263,7 +268,7 @@ def _evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray, chunk: i
         batch_loss, batch_correct = eval_step(state, x, y, mask)
         loss += float(batch_loss)
         correct += float(batch_correct)
-    return {"test_loss": loss / n, "test_accuracy": correct / n}
+    return {f"{name}_loss": loss / n, f"{name}_accuracy": correct / n}
 
 
 # ----------------------------------------------------------------------------- parallel modes
@@ -385,11 +390,14 @@ def train_and_evaluate(
     (at chance, most steps skipped, or a non-finite loss), `stopped` (then raises
     `runlog.InstabilityError`) or `interrupted` (Ctrl-C: saves a checkpoint, raises `Interrupted`).
     """
-    run = _Run(cfg, Path(run_dir), progress=progress)
+    if cfg.optimizer == "lbfgs":  # full batch; that module builds on this one
+        from examples.full_batch import FullBatchRun as Run
+    else:
+        Run = _Run
+    run = Run(cfg, Path(run_dir), progress=progress)
     start = run.begin(resume)
     try:
-        for i in range(start, cfg.steps):
-            run.step(i)
+        run.train(start)
     except runlog.InstabilityError:
         run.finish("stopped", plot)
         raise
@@ -406,18 +414,24 @@ class _Run:
         self.wall0 = time.perf_counter()
         self.cfg, self.rd, self.writer = cfg, runlog.RunDir(run_dir), jax.process_index() == 0
         self.data = data_lib.load(cfg.dataset, cfg.data_dir)
-        self.order = data_lib.BatchOrder(len(self.data.y_train), cfg.batch_size, cfg.seed)
-        self.graphdef, state = create_train_state(cfg, self.data)
-        self.runner = make_runner(
-            cfg.parallel, self.graphdef, cfg.batch_size, check=cfg.check, seed=cfg.seed,
-            num_classes=self.data.num_classes, schedule=learning_rate(cfg),
-        )  # fmt: skip
+        self.graphdef, self.state = create_train_state(cfg, self.data)
+        self.order, self.runner = self.feed()
         self.eval_step = make_eval_step(self.graphdef)
-        self.state, self.pending, self.problems = state, [], []
+        self.pending, self.problems = [], []
         self.records: list[dict[str, Any]] = []
         self.resumed_from, self.done, self.checkpoint = None, 0, None
         self.t_first, self.t_aside = None, 0.0  # t_aside: evaluation and checkpoints
         self.progress = progress and self.writer
+
+    def feed(self) -> tuple[data_lib.BatchOrder | None, Runner]:
+        """The batch order and the runner of the training steps."""
+        cfg = self.cfg
+        order = data_lib.BatchOrder(len(self.data.y_train), cfg.batch_size, cfg.seed)
+        runner = make_runner(
+            cfg.parallel, self.graphdef, cfg.batch_size, check=cfg.check, seed=cfg.seed,
+            num_classes=self.data.num_classes, schedule=learning_rate(cfg),
+        )  # fmt: skip
+        return order, runner
 
     def begin(self, resume: bool) -> int:
         """Create the run directory, or restore its latest checkpoint; the first step to run."""
@@ -430,6 +444,10 @@ class _Run:
         name = f"{self.cfg.model}/{self.cfg.optimizer}/{self.cfg.parallel}"
         self.bar = Progress(self.cfg.steps, self.done, name, enabled=self.progress)
         return self.done
+
+    def train(self, start: int) -> None:
+        for i in range(start, self.cfg.steps):
+            self.step(i)
 
     def step(self, i: int) -> None:
         images, labels = self.runner.put_batch(*data_lib.batch(self.data, self.order, i))
@@ -483,7 +501,7 @@ class _Run:
         if self.writer:
             meta = {
                 "config": _config_dict(self.cfg),
-                "data_order": self.order.state(self.done),
+                "data_order": self.order.state(self.done) if self.order else None,
                 "step": self.done,
             }
             state = self.runner.get_state(self.state)
@@ -502,12 +520,30 @@ class _Run:
 
     def finish(self, status: str, plot: bool) -> dict[str, Any]:
         """The summary (also `summary.json`), the plots; `status` may become `failed`."""
-        t_end = time.perf_counter()
         self.bar.close()
+        summary = self.summary(status)
+        failed = runlog.failure(summary, self.data.num_classes) if status == "completed" else None
+        summary["status"] = "failed" if failed else status
+        opt_state = optimizer_state(self.graphdef, self.runner.get_state(self.state))
+        summary["health"] = runlog.verdict(
+            self.records, self.problems, opt_state, self.cfg.on_instability, failed
+        )
+        if self.writer:
+            self.rd.write_summary(summary)
+            if plot and self.records:
+                runlog.plot_curves(self.records, self.rd.path / "curves.png")
+                name = f"{self.cfg.model}/{self.cfg.optimizer}/{self.cfg.parallel}"
+                plot_health(self.records, self.rd.path / "grad_norms.png", title=name)
+        return summary
+
+    def summary(self, status: str, untimed: int = 1) -> dict[str, Any]:
+        """The fields of `summary.json` but the verdict; steps/s leaves out `untimed` steps
+        (the first one, which compiled) and the time of evaluations and checkpoints."""
+        t_end = time.perf_counter()
         cfg, final = self.cfg, self.records[-1] if self.records else {}
-        timed = self.done - (self.resumed_from or 0) - 1
+        timed = self.done - (self.resumed_from or 0) - untimed
         span = t_end - (self.t_first or t_end) - self.t_aside
-        summary = {
+        return {
             "status": status,
             "run_dir": str(self.rd.path),
             "steps": cfg.steps,
@@ -525,19 +561,6 @@ class _Run:
             "skipped_steps": final.get("skipped_total", 0),
             "checkpoint": self.checkpoint,
         }
-        failed = runlog.failure(summary, self.data.num_classes) if status == "completed" else None
-        summary["status"] = "failed" if failed else status
-        opt_state = optimizer_state(self.graphdef, self.runner.get_state(self.state))
-        summary["health"] = runlog.verdict(
-            self.records, self.problems, opt_state, cfg.on_instability, failed
-        )
-        if self.writer:
-            self.rd.write_summary(summary)
-            if plot and self.records:
-                runlog.plot_curves(self.records, self.rd.path / "curves.png")
-                name = f"{cfg.model}/{cfg.optimizer}/{cfg.parallel}"
-                plot_health(self.records, self.rd.path / "grad_norms.png", title=name)
-        return summary
 
 
 def _window_record(rows: list[dict[str, Any]], skipped_before: int) -> dict[str, Any]:
@@ -591,7 +614,7 @@ def _restore(rd: runlog.RunDir, cfg: Config, state: nnx.State) -> tuple[int, lis
 def _check_same_numbers(saved: dict, cfg: Config, path: Path, run: Path, step: int) -> None:
     """Refuse a checkpoint written with other numeric choices; a resumed run may only be
     longer (`--steps`) or log, evaluate and checkpoint differently."""
-    free = (*NOT_NUMERIC, "steps")
+    free = free_on_resume(cfg)
     current = _config_dict(cfg)
     diff = {
         k: (saved.get(k), current.get(k))

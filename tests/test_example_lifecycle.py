@@ -48,6 +48,29 @@ def _summary(path: Path) -> dict:
         (["--b2", "1"], "`--b2` must be in [0, 1); got 1.0."),
         (["--width", "abc"], "argument --width: invalid int value: 'abc'"),
         (["--steps", "10", "--warmup", "10"], "`--warmup` (10) must be smaller than `--steps`"),
+        *[
+            (["--optimizer", "lbfgs", *flag], f"`{flag[0]}` does not apply to `--optimizer lbfgs`")
+            for flag in (
+                ["--batch-size", "64"],
+                ["--parallel", "sharded"],
+                ["--on-instability", "skip"],
+                ["--lr-schedule", "constant"],
+                ["--warmup", "5"],
+                ["--lr", "0.1"],
+                ["--momentum", "0.9"],
+                ["--clip-global-norm", "1"],
+                ["--stable"],
+                ["--batch-norm"],
+                ["--dropout", "0.1"],
+                ["--log-every", "5"],
+                ["--check"],
+            )
+        ],
+        (
+            ["--optimizer", "lbfgs", "--batch-size", "64"],
+            "`--batch-size` does not apply to `--optimizer lbfgs`, which uses the whole training "
+            "set in every step; drop it.",
+        ),
     ],
 )
 def test_every_bad_flag_is_one_line_naming_it_and_nothing_is_created(
@@ -64,6 +87,7 @@ def test_default_warmup_fits_short_runs():
     assert Config().warmup == 50  # the README's 500-step run is unchanged
     assert Config(steps=50).warmup == 5 and Config(steps=2000).warmup == 50
     assert Config(steps=1).warmup == 0
+    assert Config(optimizer="lbfgs").warmup == 0  # none: its line search picks the steps
     with pytest.raises(UsageError, match="`--warmup` \\(50\\) must be smaller"):
         Config(steps=50, warmup=50)
 
