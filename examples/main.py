@@ -190,6 +190,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cluster = [f"`--{k.replace('_', '-')}`" for k in _CLUSTER if hasattr(args, k)]
     if cluster and not getattr(args, "distributed", False):
         raise UsageError(f"{', '.join(cluster)} only apply with `--distributed`.")
+    if getattr(args, "distributed", False) and getattr(args, "optimizer", None) == "lbfgs":
+        raise UsageError(
+            "`--distributed` does not apply to `--optimizer lbfgs`, which runs on one device; "
+            "drop it."
+        )
     return args
 
 

@@ -64,6 +64,7 @@ def _summary(path: Path) -> dict:
                 ["--dropout", "0.1"],
                 ["--log-every", "5"],
                 ["--check"],
+                ["--distributed"],
             )
         ],
         (
