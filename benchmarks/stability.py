@@ -263,34 +263,14 @@ def proposed_stable_rows(health_kwargs: dict) -> list[Row]:
 # ---------------------------------------------------------------------------- telemetry in the scan
 
 
-_RECORD_TYPES = (
-    gx.HealthState, gx.SkipIfState, gx.ClipState, gx.AdaptiveGradClipState,
-    gx.AutoClipState, gx.ZClipState, gx.DynamicLossScaleState,
-)  # fmt: skip
-
-
 def records(state: Any) -> tuple:
-    """Every telemetry record in `state`, in `read_health`'s order, without inner states or
-    history buffers: small enough to emit per step, and `gx.read_health` reads the tuple."""
-    found: list = []
-
-    def visit(tree):
-        for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _RECORD_TYPES)):
-            if not isinstance(node, _RECORD_TYPES):
-                continue
-            inner = getattr(node, "inner", None)
-            if "inner" in node._fields:
-                node = node._replace(inner=gx.EmptyState())
-            if isinstance(node, gx.SkipIfState):
-                node = node._replace(norms=jnp.zeros([0]), losses=jnp.zeros([0]))
-            if isinstance(node, gx.AutoClipState):
-                node = node._replace(norms=jnp.zeros([0]))
-            found.append(node)
-            if inner is not None:
-                visit(inner)
-
-    visit(state)
-    return tuple(found)
+    """The telemetry records of `state` (`gx.telemetry_records`), history buffers emptied:
+    small enough to emit per step of the scan, and `gx.read_health` reads the tuple."""
+    history = ("norms", "losses")
+    return tuple(
+        record._replace(**{f: jnp.zeros([0]) for f in history if f in record._fields})
+        for _, record in gx.telemetry_records(state)
+    )
 
 
 def step_telemetry(recs: tuple, params: dict) -> dict[str, jax.Array]:
@@ -316,9 +296,8 @@ def step_telemetry(recs: tuple, params: dict) -> dict[str, jax.Array]:
     for r in recs:
         if isinstance(r, gx.SkipIfState):
             out["skipped"] |= r.skipped
-        elif hasattr(r, "record"):
-            flags = jax.tree.leaves(r.record.clipped)
-            out["clipped"] |= jnp.any(jnp.stack([jnp.asarray(f, bool) for f in flags]))
+        elif isinstance(getattr(r, "record", None), gx.ClipRecord):
+            out["clipped"] |= jnp.any(r.record.clipped)
     return out
 
 

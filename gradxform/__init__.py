@@ -83,5 +83,6 @@ from gradxform.telemetry import assert_healthy as assert_healthy
 from gradxform.telemetry import check_healthy as check_healthy
 from gradxform.telemetry import health as health
 from gradxform.telemetry import read_health as read_health
+from gradxform.telemetry import telemetry_records as telemetry_records
 
 __version__ = "0.1.0"

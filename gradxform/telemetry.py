@@ -364,8 +364,28 @@ def _per_leaf_sums(g: list, p: list | None = None, u: list | None = None) -> lis
 # ----------------------------------------------------------------------------- reading
 
 
-def _records(opt_state: Any) -> list[tuple[str, Any]]:
-    """Every telemetry-bearing state in a nested optimizer state, named by kind and order."""
+def telemetry_records(opt_state: Any) -> list[tuple[str, Any]]:
+    """Every telemetry record in `opt_state`, named as `read_health` names them.
+
+    The one walk over optimizer states that `read_health`, `assert_healthy`, the plots, the
+    benchmarks and the example share. A record is the state of `health`, a clip, a guard, loss
+    scaling or L-BFGS, with its inner state and moments left out (`None`), so it is small.
+    Names are the kind, numbered from the second of a kind on: `health`, `clip`, `clip_1`,
+    `skip`, ... Works on traced states too (inside `jit` or `lax.scan`), and a tuple of
+    records is itself a state `read_health` reads.
+
+    Args:
+      opt_state: any optimizer state (or a tree containing one).
+
+    Returns:
+      `[(name, record), ...]`, outermost first.
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.sgd(0.1))
+      >>> [name for name, _ in gx.telemetry_records(tx.init({"w": jnp.zeros(2)}))]
+      ['clip']
+    """
     kinds = {
         HealthState: "health",
         ClipState: "clip",
@@ -388,13 +408,13 @@ def _records(opt_state: Any) -> list[tuple[str, Any]]:
             (kind if seen[kind] == 0 else f"{kind}_{seen[kind]}", record._replace(**heavy))
         )
         if "inner" in heavy:
-            named.extend(_records(record.inner))  # inner chains hold their own records
+            named.extend(telemetry_records(record.inner))  # inner chains hold their own records
     return named
 
 
 def _fetched_records(opt_state: Any) -> list[tuple[str, Any]]:
-    """`_records`, copied to the host in one transfer that leaves the moments behind."""
-    named = _records(opt_state)
+    """`telemetry_records`, copied to the host in one transfer that leaves the moments behind."""
+    named = telemetry_records(opt_state)
     return list(zip([n for n, _ in named], jax.device_get([r for _, r in named]), strict=True))
 
 
@@ -500,7 +520,7 @@ class StalledTrainingError(GradientHealthError):
 
 def _stalled(opt_state: Any, fetched: list[tuple[str, Any]]) -> str | None:
     """Why the guarded steps can no longer be accepted, or None (`fetched`: the host copies
-    of `_records(opt_state)`).
+    of `telemetry_records(opt_state)`).
 
     A guard inside `optax.MultiSteps` sees the accumulated gradient: one non-finite micro-batch
     makes the accumulator non-finite for good, and the guard then skips every later step. A
@@ -517,7 +537,7 @@ def _stalled(opt_state: Any, fetched: list[tuple[str, Any]]) -> str | None:
             )
     for skip in (record for _, record in fetched if isinstance(record, SkipIfState)):
         window, consecutive = skip.norms.shape[-1], int(np.max(skip.consecutive))
-        if consecutive >= window:
+        if window and consecutive >= window:  # (a record whose history was dropped: no window)
             return (
                 f"{consecutive} consecutive steps skipped, a whole window of {window}: check "
                 "the data and the loss for NaN/inf, or pass `give_up_after=` to accept a "
