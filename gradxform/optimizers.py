@@ -172,18 +172,9 @@ def nadam(
     nesterov: bool = True,
     nu_dtype: Any = None,
 ) -> GradientTransformationExtraArgs:
-    """NAdam: Adam with Nesterov momentum, `adam(..., nesterov=True)`.
+    """NAdam: Adam with Nesterov momentum, `adam(..., nesterov=True)` (optax's `nadam`).
 
-    Args:
-      learning_rate: >= 0; a float, 0-d array or optax schedule (`None`: no scaling).
-      b1: decay rate of the first moment, in [0, 1].
-      b2: decay rate of the second moment, in [0, 1].
-      eps: >= 0, added outside the root.
-      eps_root: >= 0, added inside the root.
-      mu_dtype: dtype of the first moment.
-      nesterov: the look-ahead first moment (optax's `nadam` keeps the flag too; `False` is
-        plain Adam).
-      nu_dtype: dtype of the second moment.
+    The arguments are `adam`'s, with `nesterov` on by default (`False` gives plain Adam).
 
     Examples:
       >>> import gradxform as gx, jax.numpy as jnp
