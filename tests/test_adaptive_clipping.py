@@ -16,10 +16,14 @@ def norms_through(tx, norms):
 
 
 def test_autoclip_ring_buffer_forgets_old_norms_and_ignores_nonfinite():
+    # Clipping only scales down, so the window is seen through norms that rise: the first 100
+    # is cut to the median of [1, 1, 100]; three 100s later the 1s are gone (with all six
+    # norms in the window the median would be 50.5).
     out, state = norms_through(
-        gx.autoclip(percentile=50.0, history=3), [100.0, 100.0, 100.0, 1.0, 1.0, 1.0]
+        gx.autoclip(percentile=50.0, history=3), [1.0, 1.0, 1.0, 100.0, 100.0, 100.0]
     )
-    assert out[-1] == 1.0  # the 100s have left the window
+    assert out[3] == 1.0
+    assert out[-1] == 100.0 and float(state.record.threshold) == 100.0
     out, state = norms_through(gx.autoclip(percentile=100.0, history=4), [2.0, np.nan, 3.0])
     assert int(state.written) == 2 and float(state.record.threshold) == 3.0
 

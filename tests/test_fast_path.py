@@ -10,6 +10,15 @@ import gradxform as gx
 from gradxform import _tree as tree_maths
 from gradxform import telemetry
 
+# The modules whose globals the grouping reads: the tree maths (global_norm) and health.
+NORMS, HEALTH = tree_maths, telemetry
+once_per_shape = tree_maths.once_per_shape
+
+
+def _reductions(fn, *args) -> int:
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return sum(e.primitive.name in ("reduce_sum", "dot_general") for e in jaxpr.jaxpr.eqns)
+
 
 def _tree(key):
     keys = jax.random.split(key, 4)
@@ -23,11 +32,16 @@ def _tree(key):
     }
 
 
-@pytest.mark.parametrize("small_leaf,small_group", [(1 << 14, 1 << 20), (100, 300), (0, 1)])
-def test_grouped_global_norm_matches_float64(monkeypatch, small_leaf, small_group):
-    monkeypatch.setattr(tree_maths, "SMALL_LEAF", small_leaf)
-    monkeypatch.setattr(tree_maths, "SMALL_GROUP", small_group)
+# Reductions of `_tree`'s 7 leaves: the defaults group all but `big`; leaves of <= 100 elements
+# in groups of <= 300 leave `bf16`, `bias` and `scale` together; (0, 1) groups nothing.
+@pytest.mark.parametrize(
+    "small_leaf,small_group,reductions", [(1 << 14, 1 << 20, 2), (100, 300, 5), (0, 1, 7)]
+)
+def test_grouped_global_norm_matches_float64(monkeypatch, small_leaf, small_group, reductions):
+    monkeypatch.setattr(NORMS, "SMALL_LEAF", small_leaf)
+    monkeypatch.setattr(NORMS, "SMALL_GROUP", small_group)
     tree = _tree(jax.random.key(2))
+    assert _reductions(lambda t: gx.global_norm(t), tree) == reductions  # the setting took
     expected = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
     for norm in (gx.global_norm(tree), jax.jit(lambda t: gx.global_norm(t))(tree)):  # a fresh trace
         assert norm.dtype == jnp.float32
@@ -43,9 +57,7 @@ def test_grouped_global_norm_sums_over_a_mapped_axis():
 
 def test_small_leaves_share_one_reduction():
     tree = {f"b{i}": jnp.ones(10) for i in range(40)} | {"w": jnp.ones((200, 100))}
-    jaxpr = jax.make_jaxpr(gx.global_norm)(tree)
-    reductions = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("reduce_sum", "dot_general")]
-    assert len(reductions) == 2  # the 40 biases together, the matrix alone
+    assert _reductions(lambda t: gx.global_norm(t), tree) == 2  # 40 biases together, matrix alone
 
 
 def test_leaf_rules_are_traced_once_per_shape_under_jit_and_run_eagerly_otherwise():
@@ -58,7 +70,7 @@ def test_leaf_rules_are_traced_once_per_shape_under_jit_and_run_eagerly_otherwis
     tree = {f"w{i}": jnp.ones((4, 4)) for i in range(20)} | {"b": jnp.ones(3)}
     expected = jax.tree.map(rule, tree, tree)
     calls.clear()
-    map_rule = lambda t: jax.tree.map(tree_maths.once_per_shape(rule, jax.tree.leaves(t)), t, t)
+    map_rule = lambda t: jax.tree.map(once_per_shape(rule, jax.tree.leaves(t)), t, t)
     got = jax.jit(map_rule)(tree)
     assert sorted(calls) == [(3,), (4, 4)]
     jax.tree.map(np.testing.assert_array_equal, got, expected)
@@ -82,7 +94,7 @@ def test_per_shape_tracing_only_when_staged():
     seen = []
 
     def probe(tree):
-        seen.append(tree_maths.once_per_shape(rule, jax.tree.leaves(tree)))
+        seen.append(once_per_shape(rule, jax.tree.leaves(tree)))
         return tree
 
     jax.vmap(probe)(jnp.ones((3, 2)))  # eager vmap: a fresh jit here would compile every step
@@ -94,7 +106,7 @@ def test_per_shape_tracing_only_when_staged():
 
 @pytest.mark.parametrize("small_group", [1, 7, 50, 1 << 20])
 def test_health_statistics_with_grouped_and_blocked_leaves_match_float64(monkeypatch, small_group):
-    monkeypatch.setattr(telemetry, "SMALL_GROUP", small_group)
+    monkeypatch.setattr(HEALTH, "SMALL_GROUP", small_group)
     sizes = [0, 1, 3, 3, 17, 64, 4096, 4097, 9000]
     rng = np.random.default_rng(0)
     grads = {f"l{i}": rng.normal(size=n).astype(np.float32) for i, n in enumerate(sizes)}

@@ -9,14 +9,19 @@ import pytest
 
 import gradxform as gx
 from tests.cases import (
+    CASES,
+    KINDS,
     REFERENCED,
     TWINNED,
     assert_trees_close,
     gradients_at,
     make,
     random_tree,
+    reference_run,
     run,
 )
+
+WRAPPERS = ("guard", "telemetry")  # take a transformation; no numbers of their own
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -48,64 +53,13 @@ def test_matches_optax_with_bfloat16_leaves(case):
 # ------------------------------------------------------------------- float64 references
 
 
-def reference_run(case_name, kwargs, params, steps=20):
-    """Hand-written float64 versions of the transforms optax does not have."""
-    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-    history, mean, var = [], 0.0, 0.0  # autoclip's norms; zclip's moments
-    mu = nu = jax.tree.map(np.zeros_like, p)  # spam's moments and hyperparameters
-    k = 0
-    b1, b2, eps, theta = (kwargs.get(n) for n in ("b1", "b2", "eps", "spike_threshold"))
-    for t in range(steps):
-        g = jax.tree.map(lambda x: np.asarray(x, np.float64), gradients_at(params, t))
-        norm = np.sqrt(sum(np.sum(x**2) for x in jax.tree.leaves(g)))
-        if case_name == "clip_by_leaf_norm":
-            u = jax.tree.map(
-                lambda x: x * min(1.0, kwargs["max_norm"] / max(np.linalg.norm(x), 1e-300)), g
-            )
-        elif case_name == "add_l1_decay":
-            u = jax.tree.map(lambda x, w: x + kwargs["weight_decay"] * np.sign(w), g, p)
-        elif case_name == "autoclip":
-            history = [*history, norm][-kwargs["history"] :]
-            factor = min(1.0, np.percentile(history, kwargs["percentile"]) / norm)
-            u = jax.tree.map(lambda x, f=factor: x * f, g)
-        elif case_name == "zclip":
-            warm, alpha, zt = kwargs["warmup_steps"], kwargs["alpha"], kwargs["z_thresh"]
-            threshold = np.inf
-            if t >= warm:
-                std = np.sqrt(var)
-                z = (norm - mean) / max(std, 1e-6)
-                if z > zt:
-                    threshold = mean + zt**2 * std / z if kwargs["mode"] != "mean" else mean
-            if kwargs["max_norm"] is not None:
-                threshold = min(threshold, kwargs["max_norm"])
-            x = min(norm, threshold)
-            w = 1.0 / (t + 1) if t < warm else 1.0 - alpha
-            d = x - mean
-            mean, var = mean + w * d, var + w * ((1 - w) * d * d - var)
-            factor = min(1.0, threshold / norm)
-            u = jax.tree.map(lambda y, f=factor: y * f, g)
-        elif case_name == "scale_by_spam":
-            if t > 0 and t % kwargs["reset_interval"] == 0:
-                mu, nu, k = jax.tree.map(np.zeros_like, mu), jax.tree.map(np.zeros_like, nu), 0
-            k += 1
-            if k > 1:
-                g = jax.tree.map(
-                    lambda x, v: np.where(x**2 > theta * v, np.sign(x) * np.sqrt(theta * v), x),
-                    g, nu,
-                )  # fmt: skip
-            mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, mu, g)
-            nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x**2, nu, g)
-            ramp = min(k / kwargs["warmup_steps"], 1.0) if kwargs["warmup_steps"] else 1.0
-            warm = 0.5 * (1 - np.cos(np.pi * ramp)) if t >= kwargs["reset_interval"] else 1.0
-            u = jax.tree.map(
-                lambda m, v, w=warm, k=k: w * (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + eps),
-                mu, nu,
-            )  # fmt: skip
-        else:
-            raise AssertionError(case_name)
-        p = jax.tree.map(np.add, p, u)
-        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
-    return p
+def test_every_case_is_checked_against_optax_or_a_float64_reference():
+    """A new row of the table must say what its numbers are checked against (wrappers are
+    checked by behaviour in test_guards.py and test_telemetry.py)."""
+    for case in CASES:
+        assert case.kind in KINDS, case.name
+        assert (case.twin is None) != (case.reference is None) or case.kind in WRAPPERS, case.name
+        assert bool(case.tuned) == (case.kind == "optimizer"), case.name
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -114,7 +68,7 @@ def test_matches_float64_reference(case, seed):
     params = random_tree(seed)
     tx, kwargs = make(case, seed)
     _, ours, _ = run(tx, params, steps=20)
-    assert_trees_close(ours, reference_run(case.name, kwargs, params), rtol=1e-5, atol=1e-6)
+    assert_trees_close(ours, reference_run(case, kwargs, params), rtol=1e-5, atol=1e-6)
 
 
 def test_leaf_norm_clipping_actually_clips():
@@ -142,14 +96,19 @@ def test_global_norm_of_low_precision_gradient_does_not_overflow(dtype):
     assert state.record.norm.dtype == jnp.float32
 
 
-def test_float16_norm_overflows_in_optax_but_not_here():
-    """Documents why gradxform accumulates in float32 (optax 0.2.8 returns zeros here)."""
-    g = {"w": jnp.ones((10**6,), jnp.float16)}
-    theirs, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+def test_float16_clipping_matches_optax_on_the_float32_gradient_where_optax_overflows():
+    """Why gradxform accumulates in float32: optax squares float16 leaves in float16, so the
+    norm of 1e6 ones overflows to inf and the clipped update is zero. gradxform's is optax's
+    own answer for the same gradient in float32, cast back to float16."""
+    g = {"w": jnp.linspace(0.5, 1.5, 10**6).astype(jnp.float16)}
+    wide = {"w": g["w"].astype(jnp.float32)}
+    clip16, clip32 = optax.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    theirs16, _ = clip16.update(g, clip16.init(g))
+    theirs32, _ = clip32.update(wide, clip32.init(wide))
     ours, _ = gx.clip_by_global_norm(1.0).update(g, gx.clip_by_global_norm(1.0).init(g))
-    assert float(jnp.max(ours["w"])) > 0
-    if optax.__version__ == "0.2.8":
-        assert float(jnp.max(theirs["w"])) == 0.0
+    assert float(jnp.max(jnp.abs(theirs16["w"]))) == 0.0  # the failure gradxform avoids
+    assert ours["w"].dtype == jnp.float16
+    np.testing.assert_array_equal(ours["w"], theirs32["w"].astype(jnp.float16))
 
 
 @pytest.mark.parametrize("name", ["clip_by_block_rms", "clip_by_leaf_norm"])

@@ -55,10 +55,11 @@ def test_plot_health_writes_png_from_read_health_dicts(history, tmp_path):
     assert len(data) > 20_000  # three drawn panels, not an empty canvas
 
 
-def test_plot_health_accepts_dict_of_arrays(history, tmp_path):
+def test_plot_health_draws_a_dict_of_arrays_as_the_same_list_of_dicts(history, tmp_path):
     columns = {k: np.array([h[k] for h in history]) for k in history[0]}
-    path = plot_health(columns, tmp_path / "columns.png")
-    assert path.read_bytes()[:8] == PNG_MAGIC
+    drawn = plot_health(columns, tmp_path / "columns.png").read_bytes()
+    assert drawn[:8] == PNG_MAGIC
+    assert drawn == plot_health(history, tmp_path / "rows.png").read_bytes()  # same picture
 
 
 def test_plot_health_draws_a_run_that_is_nonfinite_throughout(tmp_path):

@@ -140,27 +140,25 @@ def test_changing_an_injected_hyperparameter_does_not_recompile():
     np.testing.assert_array_equal(new_params["w"], params["w"])  # lr 0: no move
 
 
-@pytest.mark.parametrize(
-    "name,kwargs",
-    [
-        ("clip_by_global_norm", "max_norm"),
-        ("clip", "max_delta"),
-        ("clip_by_leaf_norm", "max_norm"),
-        ("add_decayed_weights", "weight_decay"),
-        ("scale_by_learning_rate", "learning_rate"),
-    ],
-)
-def test_hyperparameters_accept_float_array_and_schedule(name, kwargs):
+# g = p = [3, -4] (norm 5) and the hyperparameter 0.5, each rule applied by hand.
+HYPERPARAMETER_FORMS = [
+    ("clip_by_global_norm", "max_norm", [0.3, -0.4]),  # g * 0.5 / 5
+    ("clip", "max_delta", [0.5, -0.5]),
+    ("clip_by_leaf_norm", "max_norm", [0.3, -0.4]),
+    ("add_decayed_weights", "weight_decay", [4.5, -6.0]),  # g + 0.5 * p
+    ("scale_by_learning_rate", "learning_rate", [-1.5, 2.0]),  # -0.5 * g
+]
+
+
+@pytest.mark.parametrize("name,argument,expected", HYPERPARAMETER_FORMS)
+def test_hyperparameters_accept_float_array_and_schedule(name, argument, expected):
     params = {"w": jnp.array([3.0, -4.0])}
     grads = {"w": jnp.array([3.0, -4.0])}
-    schedule = optax.linear_schedule(0.5, 1.0, transition_steps=1)
-    outputs = []
+    schedule = optax.linear_schedule(0.5, 1.0, transition_steps=1)  # 0.5 at step 0
     for value in (0.5, jnp.asarray(0.5), schedule):
-        tx = getattr(gx, name)(**{kwargs: value})
+        tx = getattr(gx, name)(**{argument: value})
         u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-        outputs.append(u["w"])
-    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-6)
-    np.testing.assert_allclose(outputs[0], outputs[2], rtol=1e-6)  # schedule(0) == 0.5
+        np.testing.assert_allclose(u["w"], expected, rtol=1e-6, err_msg=repr(value))
 
 
 def test_extra_args_reach_a_chain_of_gradxform_transforms():
