@@ -242,7 +242,8 @@ def health(
         baseline = moments_update(state.baseline, log_norm, baseline_decay, warmup_steps, finite)
         floats = dict(
             global_norm=norm,
-            zero_fraction=zeros.astype(jnp.float32) / jnp.maximum(jnp.sum(sizes), 1),
+            zero_fraction=zeros.astype(jnp.float32)
+            / jnp.maximum(sum(g.size for g in leaves) * shards, 1),
             z_score=z,
             growth=growth,
             log_norm_mean=log_moments.mean,
