@@ -35,6 +35,7 @@ from gradxform._tree import (
 
 
 class ClipState(NamedTuple):
+    record_kind = "clip"  # telemetry: read by `read_health` under this name
     count: jax.Array  # int32 step counter (saturating); drives a threshold schedule
     record: ClipRecord  # last step's statistic, threshold and clipped flag
 
@@ -205,6 +206,7 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformationExtr
 
 
 class AdaptiveGradClipState(NamedTuple):
+    record_kind = "agc"  # telemetry: read by `read_health` under this name
     count: jax.Array  # int32 step counter (saturating)
     record: ClipRecord  # per leaf: max over units of ||g_unit|| / max(||p_unit||, eps)
 
