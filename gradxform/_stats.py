@@ -21,7 +21,8 @@ class LeafStats(NamedTuple):
     zeros: jax.Array | None  # float32[leaves]: exact zeros of g, or None when not counted
     p_sq: jax.Array | None  # float32[leaves]: sum |p|**2, or None without params
     u_sq: jax.Array | None  # float32[leaves]: sum |u|**2, or None without updates
-    sizes: np.ndarray | jax.Array  # float32[leaves]: elements per leaf, whole model
+    sizes: np.ndarray | jax.Array  # float32[leaves]: elements per leaf (at least 1), whole model
+    total: float | jax.Array  # elements of the whole model
 
     @property
     def norm(self) -> jax.Array:
@@ -54,10 +55,10 @@ def leaf_statistics(
     up over the axis in one collective, so every device sees the whole model's statistics.
     """
     squares = lambda x: abs_sq(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
-    is_zero = lambda x: (x == 0).astype(jnp.float32)
+    nonzero = lambda x: (x != 0).astype(jnp.float32)  # (0 on the zero padding, as it must)
     columns = [(grads, squares)] + [(xs, squares) for xs in (params, updates) if xs is not None]
     if zeros:
-        columns.append((grads, is_zero))
+        columns.append((grads, nonzero))
     sums = [_per_leaf_sums(xs, term) for xs, term in columns]
     shards = 1
     if axis_name is not None:
@@ -65,10 +66,12 @@ def leaf_statistics(
     sq, *rest = sums
     p_sq = rest.pop(0) if params is not None else None
     u_sq = rest.pop(0) if updates is not None else None
-    zero_count = rest.pop(0) if zeros else None
+    true_sizes = np.array([g.size for g in grads], np.float32) * shards
+    zero_count = true_sizes - rest.pop(0) if zeros else None
     sizes = np.array([max(g.size, 1) for g in grads], np.float32) * shards
     nonfinite = (~jnp.isfinite(sq)).astype(jnp.int32)
-    return LeafStats(sq, nonfinite, zero_count, p_sq, u_sq, sizes)
+    total = sum(g.size for g in grads) * shards
+    return LeafStats(sq, nonfinite, zero_count, p_sq, u_sq, sizes, total)
 
 
 def _per_leaf_sums(leaves: list, term) -> jax.Array:

@@ -29,7 +29,6 @@ from gradxform.telemetry import (
     next_health,
 )
 
-
 MIN_STEP_SCALE = 2.0**-10  # the step scale's floor: ten backoffs, recovered in ten doublings
 
 
@@ -215,7 +214,8 @@ def _decide(record: HealthState, stats: LeafStats, loss: Any, rule: _Rule) -> _D
     spike = z > rule.norm_z
     ratio_bound = jnp.inf
     if rule.max_norm_ratio is not None:
-        ratio_bound = jnp.where(moments.n >= 1, moments.mean + np.log(rule.max_norm_ratio), jnp.inf)
+        above = moments.mean + jnp.log(rule.max_norm_ratio)
+        ratio_bound = jnp.where(moments.n >= 1, above, jnp.inf)
         spike |= log_norm > ratio_bound
     if rule.max_norm is not None:
         spike |= norm > rule.max_norm

@@ -293,7 +293,7 @@ def next_health(
         global_norm=norm,
         zero_fraction=jnp.nan
         if stats.zeros is None
-        else jnp.sum(stats.zeros) / jnp.maximum(jnp.sum(stats.sizes), 1.0),
+        else jnp.sum(stats.zeros) / jnp.maximum(stats.total, 1),
         z_score=z,
         growth=growth,
         log_norm_mean=log_moments.mean,
