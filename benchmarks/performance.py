@@ -185,8 +185,9 @@ CHAINS: dict[str, Chain] = {
         "read g twice (norm, update), p, mu, nu; write p, mu, nu",
     ),
 }
-# gx.stable: telemetry, a skip guard, z-score clipping and a step bound around adamw. optax has no
-# telemetry and no z-score clipping; its nearest composite is a non-finite guard around clip+adamw.
+# gx.stable: telemetry, a skip guard, z-score clipping and a step-scale backoff around adamw.
+# optax has no telemetry and no z-score clipping; its nearest composite is a non-finite guard
+# around clip+adamw. `benchmarks/guard_cost.py` compares it with gradxform's own clip+adamw.
 CHAINS["stable(adamw)"] = Chain(
     lambda **kw: gx.stable(gx.adamw(LR, weight_decay=WD, **kw)),
     lambda: optax.apply_if_finite(
@@ -194,20 +195,20 @@ CHAINS["stable(adamw)"] = Chain(
         max_consecutive_errors=5,
     ),
     32,
-    "as clip+adamw: statistics of g ride on the norm pass, the guard selects in place",
+    "as clip+adamw, and read p once (telemetry): the guard feeds the optimizer, no select",
 )
 
 # ----------------------------------------------------------------------------- measuring
 
 
-def make_step(tx: optax.GradientTransformation) -> Callable:
-    """The jitted update step, params (0) and optimizer state (1) donated."""
+def make_step(tx: optax.GradientTransformation, donate: bool = True) -> Callable:
+    """The jitted update step, params (0) and optimizer state (1) donated unless told not."""
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def tree_bytes(tree: Any) -> int:
@@ -226,13 +227,16 @@ def distinct_buffers(state: Any) -> Any:
 class Contender:
     """One library's compiled step, with its own params and state, ready to be timed."""
 
-    def __init__(self, tx: optax.GradientTransformation, shapes: dict, grads: Any, seed: int):
+    def __init__(
+        self, tx: optax.GradientTransformation, shapes: dict, grads: Any, seed: int,
+        donate: bool = True,
+    ):  # fmt: skip
         self.grads = grads
         self.params = materialize(shapes, seed, 0.02)
         self.state = jax.block_until_ready(distinct_buffers(tx.init(self.params)))
         self.state_bytes = tree_bytes(self.state)
         start = time.perf_counter()
-        lowered = make_step(tx).lower(self.params, self.state, grads)
+        lowered = make_step(tx, donate).lower(self.params, self.state, grads)
         traced = time.perf_counter()
         self.compiled = lowered.compile()
         done = time.perf_counter()
