@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradxform._tree import SMALL_GROUP, SMALL_LEAF, abs_sq, is_sharded
+from gradxform._tree import SMALL_GROUP, SMALL_LEAF, abs_sq, is_sharded, once_per_shape
 
 
 class LeafStats(NamedTuple):
@@ -102,6 +102,7 @@ def _per_leaf_sums(leaves: list, term) -> jax.Array:
         width = max(leaves[i].size for i in idx)
         rows = [jnp.pad(leaves[i].reshape(-1), (0, width - leaves[i].size)) for i in idx]
         pieces.append(f32(jnp.sum(term(jnp.stack(rows)), axis=1)))
-    pieces += [f32(jnp.sum(term(leaves[i]))).reshape(1) for i in large + alone]
+    leaf_sum = once_per_shape(lambda x: f32(jnp.sum(term(x))).reshape(1), leaves)
+    pieces += [leaf_sum(leaves[i]) for i in large + alone]
     order = np.argsort([i for idx in groups for i in idx] + large + alone)  # leaves order
     return jnp.concatenate(pieces)[order]
