@@ -216,15 +216,15 @@ def make_train_step(
             chex.assert_tree_all_finite(grads)
         lr = schedule(optimizer.step[...].astype(jnp.int32))  # the rate this update uses
         optimizer.update(model, grads, loss=loss)  # `gx.skip_if` also skips a non-finite loss
-        opt_state = nnx.as_pure(optimizer.opt_state)  # gx.health(...) outermost
-        skipped = jnp.zeros([], bool)
-        if isinstance(opt_state.inner, gx.SkipIfState | gx.StableState):
-            # The guard kept the optimizer's own state; keep what lives outside it too (batch
+        records = dict(gx.telemetry_records(nnx.as_pure(optimizer.opt_state)))
+        record = records["health"]  # gx.health(...) outermost: the example's own flags
+        guard = records.get("stable", records.get("skip"))
+        skipped = jnp.zeros([], bool) if guard is None else guard.skipped
+        if guard is not None:
+            # The guard kept the params; keep what lives outside the optimizer too (batch
             # statistics, the step that drives the schedule), by the guard's own decision.
-            skipped = opt_state.inner.skipped
             now = nnx.as_pure(nnx.state((model, optimizer), _OUTSIDE))
             nnx.update((model, optimizer), jax.tree.map(partial(jnp.where, skipped), kept, now))
-        record = opt_state._replace(inner=gx.EmptyState())  # the telemetry, not the moments
         metrics = {
             "loss": loss, "accuracy": accuracy, "lr": lr, "skipped": skipped,
             # read on the host every step; the whole record only when these flag a problem

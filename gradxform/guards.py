@@ -23,7 +23,7 @@ from gradxform._base import (
 )
 from gradxform._checks import check_integer, check_positive, check_range, check_transform
 from gradxform._moments import LOG_NORM_MIN_STD
-from gradxform._records import find_states
+from gradxform._records import telemetry_records
 from gradxform._tree import global_norm, scale_leaf
 
 
@@ -286,8 +286,9 @@ def loss_scale(opt_state: Any) -> jax.Array:
     Returns:
       The float32 scale; raises `ValueError` when there is none.
     """
-    for record in find_states(opt_state, DynamicLossScaleState):
-        return record.scale
+    for _, record in telemetry_records(opt_state):
+        if type(record).record_kind == "loss_scale":
+            return record.scale
     raise ValueError("`opt_state` holds no `dynamic_loss_scale` state; wrap the optimizer in one.")
 
 

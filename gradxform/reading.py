@@ -98,7 +98,7 @@ def read_health(opt_state: Any) -> dict[str, float]:
     if guards:
         out[f"{guards[0]}/stalled"] = float(_stalled(opt_state, fetched) is not None)
     for name, record in fetched:
-        if isinstance(record, HealthState):
+        if _is(record, "health"):
             _read_health_record(name, record, out)
         else:
             for field, value in record._asdict().items():
@@ -246,7 +246,7 @@ def assert_healthy(
     if reason is not None:
         raise StalledTrainingError(f"Training has stalled: {reason}.")
     for name, record in fetched:
-        if not isinstance(record, HealthState):
+        if not _is(record, "health"):
             continue
         errors = (
             check_nonfinite and _nonfinite_params_error(name, record),
@@ -368,7 +368,7 @@ def check_healthy(opt_state: Any) -> None:
       >>> print(err.get())  # doctest: +ELLIPSIS
       Non-finite gradient at step 1: NaN/inf in 1 leaves (global norm inf)...
     """
-    records = [r for _, r in telemetry_records(opt_state) if isinstance(r, HealthState)]
+    records = [r for _, r in telemetry_records(opt_state) if _is(r, "health")]
     if not records:
         raise _missing_record("health", set())
     for record in records:
