@@ -30,6 +30,7 @@ from gradxform.telemetry import (
 )
 
 MIN_STEP_SCALE = 2.0**-10  # the step scale's floor: ten backoffs, recovered in ten doublings
+RECENT = 10  # a second finite clip or skip within this many steps is a trend: back off
 
 
 class StableState(NamedTuple):
@@ -41,6 +42,7 @@ class StableState(NamedTuple):
     skipped_total: jax.Array  # int32 steps skipped so far (saturating)
     clipped_total: jax.Array  # int32 steps clipped so far (saturating)
     consecutive: jax.Array  # int32 consecutive skipped steps (a stall shows here)
+    calm: jax.Array  # int32 steps since the guard last clipped or skipped a finite step
     threshold: jax.Array  # float32 clip threshold on ||g|| in force (inf before warm-up)
     step_scale: jax.Array  # float32 factor on the update: 1, lowered after spikes, recovering
     health: HealthState  # the health record: its running moments are the guard's statistics
@@ -71,7 +73,7 @@ def stable(
     norm_z: float = 6.0,
     max_norm_ratio: float | None = 100.0,
     max_norm: float | None = None,
-    z_thresh: float = 3.0,
+    z_thresh: float = 4.0,
     backoff: float | None = 0.5,
     recovery_steps: int = 200,
     max_update_ratio: float | None = None,
@@ -89,8 +91,10 @@ def stable(
              second step on: a spike during the warm-up), or ||g|| > max_norm:
              the update is zero and the optimizer is fed a zero gradient;
       clip   g <- g * min(1, e**(m + z_thresh * s) / ||g||)  (after warm-up);
-      scale  the update by `step_scale`: halved (`backoff`) on each finite spike, and
-             recovering to 1 over `recovery_steps` accepted steps; 1 on a healthy run.
+      scale  the update by `step_scale`: halved (`backoff`) when the guard clips or skips a
+             finite step for the second time within 10 steps (a trend: a learning rate too
+             high), and doubling back to 1 over `recovery_steps` accepted steps; a lone spike
+             (a bad batch) leaves it alone, and on a healthy run it stays 1.
 
     The moments take in the clipped log-norm of every finite step, so a lasting change of
     scale is followed (a few dozen steps) rather than skipped for ever. `health`'s record
@@ -159,6 +163,7 @@ def stable(
         zero = lambda dtype: jnp.zeros([], dtype)
         return StableState(
             zero(bool), zero(bool), zero(jnp.int32), zero(jnp.int32), zero(jnp.int32),
+            jnp.full([], RECENT, jnp.int32),
             jnp.asarray(jnp.inf, jnp.float32), jnp.ones([], jnp.float32),
             init_health(params, rule.health, None), optimizer.init(params),
         )  # fmt: skip
@@ -173,7 +178,8 @@ def stable(
         zeroed = lambda x, f: jnp.where(skip, jnp.zeros_like(x), scale_leaf(x, f))
         grads = jax.tree.map(lambda g: zeroed(g, decision.factor), grads)
         updates, inner_state = optimizer.update(grads, state.inner, params, **extra_args)
-        step_scale = _step_scale(state.step_scale, decision, rule)
+        acted = decision.spike | (decision.factor < 1)  # a finite step clipped or skipped
+        step_scale = _step_scale(state.step_scale, acted & (state.calm < RECENT), skip, rule)
         scale = step_scale
         if with_params:
             # `* one` (exactly 1) makes the update depend on the params' sums: XLA then reads
@@ -189,6 +195,7 @@ def stable(
             skipped_total=count_if(state.skipped_total, skip),
             clipped_total=count_if(state.clipped_total, clipped),
             consecutive=count_if(state.consecutive, skip) * skip,
+            calm=jnp.where(acted, 0, jnp.minimum(state.calm + 1, RECENT)),
             threshold=decision.threshold,
             step_scale=step_scale,
             health=next_health(state.health, stats, rule.health, (accepted, decision.absorbed)),
@@ -230,12 +237,13 @@ def _decide(record: HealthState, stats: LeafStats, loss: Any, rule: _Rule) -> _D
     return _Decision(~finite | spike, spike, factor, jnp.exp(log_bound), absorbed)
 
 
-def _step_scale(scale: jax.Array, decision: _Decision, rule: _Rule) -> jax.Array:
-    """The factor on the update: times `backoff` on a spike, else doubling back over
-    `recovery_steps` steps to at most 1 (exactly 1 on a run without spikes)."""
+def _step_scale(scale: jax.Array, trend: jax.Array, skip: jax.Array, rule: _Rule) -> jax.Array:
+    """The factor on the update: times `backoff` when the guard acts on a finite step for the
+    second time within `RECENT` steps (a trend, as from a learning rate that is too high; a
+    lone spike is a bad batch and leaves it alone), else doubling back over `recovery_steps`
+    accepted steps to at most 1 (exactly 1 on a run without such trends)."""
     if rule.backoff is None:
         return scale
     recovered = jnp.minimum(scale * 2.0 ** (1.0 / rule.recovery_steps), 1.0)
-    held = jnp.where(decision.skip, scale, recovered)  # a non-finite step: no evidence either way
-    clipped = jnp.where(decision.factor < 1, scale * rule.backoff**0.25, held)
-    return jnp.maximum(jnp.where(decision.spike, scale * rule.backoff, clipped), MIN_STEP_SCALE)
+    held = jnp.where(skip, scale, recovered)  # a skipped step is no evidence of calm
+    return jnp.maximum(jnp.where(trend, scale * rule.backoff, held), MIN_STEP_SCALE)
