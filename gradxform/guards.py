@@ -22,7 +22,14 @@ from gradxform._base import (
     gradient_transformation,
     step_counter,
 )
-from gradxform._checks import check_integer, check_positive, check_range, check_transform
+from gradxform._checks import (
+    Stacked,
+    check_integer,
+    check_positive,
+    check_range,
+    check_stacked,
+    check_transform,
+)
 from gradxform._moments import LOG_NORM_MIN_STD
 from gradxform._records import find_states
 from gradxform._tree import global_norm, scale_leaf
@@ -316,6 +323,7 @@ def stable(
     loss_z: float | None = None,
     z_thresh: float = 2.5,
     telemetry: bool = True,
+    stacked: Stacked = None,
 ) -> GradientTransformationExtraArgs:
     """The documented default guard for any optimizer (SGD and Adam families alike).
 
@@ -345,6 +353,9 @@ def stable(
       loss_z: `skip_if`'s bound on the loss z-score (pass `loss=` to `update`), or `None`.
       z_thresh: `zclip`'s z-score bound.
       telemetry: wrap in `health()`.
+      stacked: marks the leaves whose axis 0 is a layer axis (scanned layers; a regex on the
+        leaf name such as `"layers"`, or a predicate `(name, leaf) -> bool`): the per-unit
+        bound then treats each layer as its own leaf (see `adaptive_grad_clip`).
 
     Examples:
       >>> import gradxform as gx, jax.numpy as jnp
@@ -356,11 +367,14 @@ def stable(
     """
     check_transform("optimizer", optimizer)
     check_positive("max_update_ratio", max_update_ratio, finite=False, optional=True)
+    check_stacked("stacked", stacked)
     from gradxform.adaptive_clipping import zclip
     from gradxform.clipping import adaptive_grad_clip
     from gradxform.telemetry import health
 
-    trust = () if max_update_ratio is None else (adaptive_grad_clip(max_update_ratio),)
+    trust = (
+        () if max_update_ratio is None else (adaptive_grad_clip(max_update_ratio, stacked=stacked),)
+    )
     clipped = chain(zclip(z_thresh=z_thresh, max_norm=None), optimizer, *trust)
     guarded = skip_if(
         clipped, norm_z=norm_z, max_norm_ratio=max_norm_ratio, max_norm=max_norm, loss_z=loss_z

@@ -10,7 +10,6 @@ loggable floats; `assert_healthy(opt_state)` raises an error naming the step and
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, NamedTuple
 
 import jax
@@ -26,7 +25,7 @@ from gradxform._checks import (
     check_positive,
     check_range,
     check_transform,
-    path_name,
+    leaf_name,
 )
 from gradxform._moments import LOG_NORM_MIN_STD, Moments, moments_update, moments_zscore
 from gradxform._records import (
@@ -36,6 +35,7 @@ from gradxform._records import (
     leaf_slots,
     stack_scalars,
     unflatten_vector,
+    unit_names,
 )
 from gradxform._tree import SMALL_GROUP, abs_sq, global_norm, is_sharded, once_per_shape
 from gradxform.adaptive_clipping import AutoClipState, ScaleBySpamState, ZClipState
@@ -431,12 +431,20 @@ def _scalar(x: Any) -> float:
 
 
 def _leaf_name(path) -> str:
-    return re.sub(r"/value$", "", path_name(path))
+    """The same name under every client: a Flax NNX `Variable`'s `value` is dropped."""
+    return leaf_name(path)
 
 
-def _flat(prefix: str, tree: Any, out: dict[str, float]) -> None:
+def _flat(prefix: str, tree: Any, out: dict[str, float], slots: Any = None) -> None:
+    """`out[prefix/name] = value` for the leaves of `tree`, or, with `slots`, for the entries
+    of the per-unit vector `tree` (named `Dense_0/kernel`, `layers/w[7]`)."""
+    if slots is not None:
+        for i, name in enumerate(unit_names(slots)):
+            out[f"{prefix}/{name}" if name else prefix] = _scalar(np.asarray(tree)[..., i])
+        return
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        out[f"{prefix}/{_leaf_name(path)}" if path else prefix] = _scalar(leaf)
+        name = _leaf_name(path)
+        out[f"{prefix}/{name}" if name else prefix] = _scalar(leaf)
 
 
 def read_health(opt_state: Any) -> dict[str, float]:
@@ -477,17 +485,16 @@ def read_health(opt_state: Any) -> dict[str, float]:
                 out[f"{name}/{field}"] = _scalar(getattr(record, field))
             for field in ("exploding", "vanishing", "vanishing_streak"):
                 out[f"{name}/{field}"] = _scalar(getattr(record, field))
-            _flat(f"{name}/grad_norm", record.per_leaf("leaf_norms"), out)
-            _flat(f"{name}/update_ratio", record.per_leaf("update_ratios"), out)
+            _flat(f"{name}/grad_norm", record.leaf_norms, out, record.leaves)
+            _flat(f"{name}/update_ratio", record.update_ratios, out, record.leaves)
         else:
             for field, value in record._asdict().items():
                 if field in _UNLOGGED:
                     continue
                 if isinstance(value, ClipRecord):
                     for sub in ("norm", "threshold", "clipped"):
-                        per_leaf = value.leaves is not None and sub != "threshold"
-                        tree = value.per_leaf(sub) if per_leaf else getattr(value, sub)
-                        _flat(f"{name}/{sub}", tree, out)
+                        slots = None if sub == "threshold" else value.leaves  # per-leaf clips
+                        _flat(f"{name}/{sub}", getattr(value, sub), out, slots)
                 elif isinstance(value, Moments):
                     out[f"{name}/{field}_mean"] = _scalar(value.mean)
                     out[f"{name}/{field}_std"] = math.sqrt(max(_scalar(value.var), 0.0))
