@@ -100,7 +100,7 @@ class Config:
     agc: float | None = None
     noise_eta: float = 0.0
     noise_gamma: float = 0.55
-    stable: bool = False  # guard the chain with gx.stable(...): skip guard, ZClip, step bound
+    stable: bool = False  # guard the chain with gx.stable(...): skip, z-score clip, backoff
     # parallelism
     parallel: str = "none"  # none | pmap | sharded
     # stability

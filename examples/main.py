@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     add(
         g,
         "--stable",
-        "guard the chain with gx.stable(): skip guard, ZClip, per-unit step bound",
+        "guard the chain with gx.stable(): skip spikes, clip to the running norm, back off",
         action="store_true",
     )
 

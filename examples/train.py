@@ -81,7 +81,7 @@ def create_optimizer(cfg: Config) -> optax.GradientTransformation:
     learning rate). AdamW's decoupled decay lives inside `adamw`; for every other optimizer
     `--weight-decay` is the coupled L2 penalty (PyTorch's convention). Decay skips biases and
     normalisation scales (`gx.weight_decay_mask`). `--on-instability skip` puts `gx.skip_if`
-    inside the health wrapper; `--stable` puts `gx.stable(..., telemetry=False)` there instead.
+    inside the health wrapper; `--stable` puts `gx.stable(...)` there instead.
     A value the library rejects becomes a `UsageError`.
     """
     lib = gx if cfg.impl == "gradxform" else optax
@@ -103,8 +103,8 @@ def create_optimizer(cfg: Config) -> optax.GradientTransformation:
             parts.append(lib.add_noise(cfg.noise_eta, cfg.noise_gamma, cfg.seed))
         parts.append(_optimizer(cfg, lib, learning_rate(cfg)))
         tx = parts[0] if len(parts) == 1 else lib.chain(*parts)
-        if cfg.stable:  # skip_if(chain(zclip, tx)); its telemetry is the health wrapper below
-            tx = gx_only("stable")(tx, telemetry=False)
+        if cfg.stable:  # skips, clips and backs off on its own statistics; records them
+            tx = gx_only("stable")(tx, max_norm=cfg.max_grad_norm)
         elif cfg.on_instability == "skip":  # zero update, optimizer state kept
             tx = gx.skip_if(tx, max_norm=cfg.max_grad_norm)
     except ValueError as e:
@@ -184,7 +184,7 @@ def make_train_step(
     """`train_step(state, images, labels, step) -> (state, metrics)`; pure, for jit or pmap.
 
     The metrics hold this step's `gx.health` record, a few of its fields read every step, and
-    whether `gx.skip_if` (if present) skipped the step.
+    whether `gx.skip_if` or `gx.stable` (if present) skipped the step.
     """
 
     def train_step(state, images, labels, step):
@@ -218,7 +218,7 @@ def make_train_step(
         optimizer.update(model, grads, loss=loss)  # `gx.skip_if` also skips a non-finite loss
         opt_state = nnx.as_pure(optimizer.opt_state)  # gx.health(...) outermost
         skipped = jnp.zeros([], bool)
-        if isinstance(opt_state.inner, gx.SkipIfState):
+        if isinstance(opt_state.inner, gx.SkipIfState | gx.StableState):
             # The guard kept the optimizer's own state; keep what lives outside it too (batch
             # statistics, the step that drives the schedule), by the guard's own decision.
             skipped = opt_state.inner.skipped

@@ -9,6 +9,7 @@ from gradxform._base import GradientTransformation as GradientTransformation
 from gradxform._base import GradientTransformationExtraArgs as GradientTransformationExtraArgs
 from gradxform._base import chain as chain
 from gradxform._records import ClipRecord as ClipRecord
+from gradxform._records import telemetry_records as telemetry_records
 from gradxform._tree import global_norm as global_norm
 from gradxform.adaptive import ScaleByAdamState as ScaleByAdamState
 from gradxform.adaptive import ScaleByAmsgradState as ScaleByAmsgradState
@@ -44,7 +45,6 @@ from gradxform.guards import dynamic_loss_scale as dynamic_loss_scale
 from gradxform.guards import loss_scale as loss_scale
 from gradxform.guards import scale_loss as scale_loss
 from gradxform.guards import skip_if as skip_if
-from gradxform.guards import stable as stable
 from gradxform.lbfgs import LbfgsRecord as LbfgsRecord
 from gradxform.lbfgs import LinesearchRecord as LinesearchRecord
 from gradxform.lbfgs import ScaleByFiniteZoomLinesearchState as ScaleByFiniteZoomLinesearchState
@@ -73,16 +73,18 @@ from gradxform.optimizers import nadam as nadam
 from gradxform.optimizers import rmsprop as rmsprop
 from gradxform.optimizers import sgd as sgd
 from gradxform.plots import plot_health as plot_health
-from gradxform.telemetry import GradientExplosionError as GradientExplosionError
-from gradxform.telemetry import GradientHealthError as GradientHealthError
+from gradxform.reading import GradientExplosionError as GradientExplosionError
+from gradxform.reading import GradientHealthError as GradientHealthError
+from gradxform.reading import NonFiniteGradientError as NonFiniteGradientError
+from gradxform.reading import NonFiniteParameterError as NonFiniteParameterError
+from gradxform.reading import StalledTrainingError as StalledTrainingError
+from gradxform.reading import VanishingGradientError as VanishingGradientError
+from gradxform.reading import assert_healthy as assert_healthy
+from gradxform.reading import check_healthy as check_healthy
+from gradxform.reading import read_health as read_health
+from gradxform.stable import StableState as StableState
+from gradxform.stable import stable as stable
 from gradxform.telemetry import HealthState as HealthState
-from gradxform.telemetry import NonFiniteGradientError as NonFiniteGradientError
-from gradxform.telemetry import StalledTrainingError as StalledTrainingError
-from gradxform.telemetry import VanishingGradientError as VanishingGradientError
-from gradxform.telemetry import assert_healthy as assert_healthy
-from gradxform.telemetry import check_healthy as check_healthy
 from gradxform.telemetry import health as health
-from gradxform.telemetry import read_health as read_health
-from gradxform.telemetry import telemetry_records as telemetry_records
 
 __version__ = "0.1.0"

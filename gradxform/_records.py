@@ -1,6 +1,12 @@
 """Records a transform keeps of what it saw: per-unit vectors named by buffer-free slots trees
 (`Leaf` per params leaf, a tuple of `Layer` per stacked leaf), the clipping record, and the
-walk that finds states in a nested optimizer state."""
+one walk that finds records in a nested optimizer state.
+
+The record protocol: a state class that carries telemetry is a NamedTuple with a class
+attribute `record_kind` (`"health"`, `"clip"`, `"skip"`, ...). `telemetry_records` finds every
+such state by that attribute alone, so no module needs to import another's state types to read
+them.
+"""
 
 from __future__ import annotations
 
@@ -149,3 +155,56 @@ def find_states(tree: Any, types: type | tuple[type, ...]) -> list[Any]:
     """The states of `types` anywhere in a nested optimizer state, outermost first."""
     found = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, types))
     return [x for x in found if isinstance(x, types)]
+
+
+def is_record(x: Any) -> bool:
+    """Whether `x` is a telemetry record: a state whose class declares `record_kind`."""
+    return isinstance(getattr(type(x), "record_kind", None), str) and hasattr(x, "_fields")
+
+
+# Fields a record keeps for the transform's own use, never logged: the wrapped state and
+# moments (large), and nested records (read on their own).
+_HEAVY = ("inner", "mu", "nu")
+
+
+def telemetry_records(opt_state: Any) -> list[tuple[str, Any]]:
+    """Every telemetry record in `opt_state`, named as `read_health` names them.
+
+    The one walk over optimizer states that `read_health`, `assert_healthy`, `check_healthy`,
+    the plots, the benchmarks and the example share. A record is the state of `health`, a clip,
+    a guard, loss scaling or L-BFGS (any state with a `record_kind`), with its inner state,
+    moments and nested records left out (`None`), so it is small; nested records follow their
+    parent. Names are the kind, numbered from the second of a kind on: `health`, `clip`,
+    `clip_1`, `skip`, ... Works on traced states too (inside `jit` or `lax.scan`), and a
+    tuple of records is itself a state `read_health` reads.
+
+    Args:
+      opt_state: any optimizer state (or a tree containing one).
+
+    Returns:
+      `[(name, record), ...]`, outermost first.
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.sgd(0.1))
+      >>> [name for name, _ in gx.telemetry_records(tx.init({"w": jnp.zeros(2)}))]
+      ['clip']
+    """
+    seen: dict[str, int] = {}
+
+    def walk(tree: Any) -> list[tuple[str, Any]]:
+        named = []
+        for record in jax.tree.leaves(tree, is_leaf=is_record):
+            if not is_record(record):
+                continue
+            kind = type(record).record_kind
+            seen[kind] = seen.get(kind, -1) + 1
+            nested = {f: v for f, v in record._asdict().items() if f in _HEAVY or is_record(v)}
+            name = kind if seen[kind] == 0 else f"{kind}_{seen[kind]}"
+            named.append((name, record._replace(**dict.fromkeys(nested))))
+            for field, value in nested.items():
+                if field not in ("mu", "nu"):
+                    named.extend(walk(value))
+        return named
+
+    return walk(opt_state)

@@ -30,6 +30,7 @@ from gradxform.clipping import clip_to_norm
 
 
 class AutoClipState(NamedTuple):
+    record_kind = "autoclip"  # telemetry: read by `read_health` under this name
     count: jax.Array  # int32 steps seen (saturating)
     written: jax.Array  # int32 finite norms written to the ring buffer (saturating)
     norms: jax.Array  # float32[history] ring buffer of past finite global norms
@@ -94,6 +95,7 @@ def autoclip(
 
 
 class ZClipState(NamedTuple):
+    record_kind = "zclip"  # telemetry: read by `read_health` under this name
     count: jax.Array  # int32 steps seen (saturating)
     moments: Moments  # running mean/variance of the (clipped) global norm
     record: ClipRecord  # this step's norm, the threshold in force, whether it clipped
@@ -175,6 +177,7 @@ def zclip(
 
 
 class ScaleBySpamState(NamedTuple):
+    record_kind = "spam"  # telemetry: read by `read_health` under this name
     count: jax.Array  # int32 steps seen (saturating)
     since_reset: jax.Array  # int32 steps since the moments were last reset
     mu: Any  # first moment, dtype `mu_dtype`

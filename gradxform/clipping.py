@@ -43,6 +43,7 @@ from gradxform._tree import (
 
 
 class ClipState(NamedTuple):
+    record_kind = "clip"  # telemetry: read by `read_health` under this name
     count: jax.Array  # int32 step counter (saturating); drives a threshold schedule
     record: ClipRecord  # last step's statistic, threshold and clipped flag
 
@@ -244,6 +245,7 @@ def clip_by_block_rms(
 
 
 class AdaptiveGradClipState(NamedTuple):
+    record_kind = "agc"  # telemetry: read by `read_health` under this name
     count: jax.Array  # int32 step counter (saturating)
     record: ClipRecord  # per leaf: max over units of ||g_unit|| / max(||p_unit||, eps)
 

@@ -1,5 +1,5 @@
-"""Guards: wrappers that refuse a bad step (skip), scale losses for low precision, and the
-documented default `stable(optimizer)` that combines them with telemetry and clipping.
+"""Guards: wrappers that refuse a bad step (skip) and scale losses for low precision. The
+documented default guard, `stable(optimizer)`, lives in `gradxform.stable`.
 
 A guard decides with `jnp.where` selects, never `lax.cond`, so it runs unchanged under `jit`,
 `vmap`, `pmap` and `shard_map`. On a refused step the update is zero and the wrapped
@@ -18,18 +18,10 @@ import optax
 
 from gradxform._base import (
     GradientTransformationExtraArgs,
-    chain,
     gradient_transformation,
     step_counter,
 )
-from gradxform._checks import (
-    Stacked,
-    check_integer,
-    check_positive,
-    check_range,
-    check_stacked,
-    check_transform,
-)
+from gradxform._checks import check_integer, check_positive, check_range, check_transform
 from gradxform._moments import LOG_NORM_MIN_STD
 from gradxform._records import find_states
 from gradxform._tree import global_norm, scale_leaf
@@ -51,6 +43,7 @@ def _window_z(window: jax.Array, count: jax.Array, x: jax.Array, min_std: jax.Ar
 
 
 class SkipIfState(NamedTuple):
+    record_kind = "skip"  # telemetry: read by `read_health` under this name
     count: jax.Array  # int32 steps seen (saturating)
     written: jax.Array  # int32 accepted steps written to the windows (saturating)
     norms: jax.Array  # float32[window] log global norms of recent accepted steps
@@ -201,6 +194,7 @@ def skip_if(
 
 
 class DynamicLossScaleState(NamedTuple):
+    record_kind = "loss_scale"  # telemetry: read by `read_health` under this name
     count: jax.Array  # int32 steps seen (saturating)
     scale: jax.Array  # float32 current loss scale
     good_steps: jax.Array  # int32 finite steps since the scale last changed
@@ -311,72 +305,3 @@ def scale_loss(loss: jax.Array, opt_state: Any) -> jax.Array:
       Array(4., dtype=float16)
     """
     return loss * loss_scale(opt_state).astype(jnp.result_type(loss))
-
-
-def stable(
-    optimizer: GradientTransformationExtraArgs,
-    *,
-    norm_z: float | None = 6.0,
-    max_norm_ratio: float | None = 100.0,
-    max_norm: float | None = None,
-    max_update_ratio: float | None = 0.01,
-    loss_z: float | None = None,
-    z_thresh: float = 2.5,
-    telemetry: bool = True,
-    stacked: Stacked = None,
-) -> GradientTransformationExtraArgs:
-    """The documented default guard for any optimizer (SGD and Adam families alike).
-
-    stable(opt) = health(skip_if(chain(zclip(z_thresh, max_norm=None), opt,
-                                       adaptive_grad_clip(max_update_ratio)), ...))
-
-    - `skip_if` refuses non-finite steps and extreme norm spikes (z > `norm_z` in log-norm,
-      or `max_norm_ratio` times the largest recent norm), so NaN never reaches params or
-      state and a x1000 spike leaves no trace, from the second step on;
-    - `zclip` clips moderate spikes to the running statistics of the norm (no absolute cap:
-      the history sets the scale, so it needs no tuning per model);
-    - `adaptive_grad_clip` after the optimizer bounds each unit's step to `max_update_ratio`
-      of its weights' norm (a trust ratio), which is what rescues a too-high learning rate:
-      the norm-based remedies cannot tell a large step from a large gradient;
-    - `health` records telemetry for `read_health` / `assert_healthy` (`telemetry=False`
-      leaves it out).
-
-    With gradient accumulation put the guard outside: `gx.skip_if(optax.MultiSteps(opt, k))`
-    (see `skip_if`); `optax.MultiSteps(stable(opt), k)` stalls after one NaN micro-batch.
-
-    Args:
-      optimizer: any gradient transformation, e.g. `gx.sgd(0.05, momentum=0.9)`.
-      norm_z: `skip_if`'s bound on the z-score of log||g||, or `None`.
-      max_norm_ratio: `skip_if`'s bound relative to the largest recent norm, or `None`.
-      max_norm: `skip_if`'s absolute bound on ||g|| (also `health`'s), or `None`.
-      max_update_ratio: per-unit bound on ||update|| / ||weights||, or `None`.
-      loss_z: `skip_if`'s bound on the loss z-score (pass `loss=` to `update`), or `None`.
-      z_thresh: `zclip`'s z-score bound.
-      telemetry: wrap in `health()`.
-      stacked: marks the leaves whose axis 0 is a layer axis (scanned layers; a regex on the
-        leaf name such as `"layers"`, or a predicate `(name, leaf) -> bool`): the per-unit
-        bound then treats each layer as its own leaf (see `adaptive_grad_clip`).
-
-    Examples:
-      >>> import gradxform as gx, jax.numpy as jnp
-      >>> tx = gx.stable(gx.adam(1e-3))
-      >>> params = {"w": jnp.ones(2)}
-      >>> u, state = tx.update({"w": jnp.array([jnp.inf, 1.0])}, tx.init(params), params)
-      >>> u["w"], gx.read_health(state)["skip/skipped_nonfinite"]
-      (Array([0., 0.], dtype=float32), 1.0)
-    """
-    check_transform("optimizer", optimizer)
-    check_positive("max_update_ratio", max_update_ratio, finite=False, optional=True)
-    check_stacked("stacked", stacked)
-    from gradxform.adaptive_clipping import zclip
-    from gradxform.clipping import adaptive_grad_clip
-    from gradxform.telemetry import health
-
-    trust = (
-        () if max_update_ratio is None else (adaptive_grad_clip(max_update_ratio, stacked=stacked),)
-    )
-    clipped = chain(zclip(z_thresh=z_thresh, max_norm=None), optimizer, *trust)
-    guarded = skip_if(
-        clipped, norm_z=norm_z, max_norm_ratio=max_norm_ratio, max_norm=max_norm, loss_z=loss_z
-    )
-    return health(guarded, max_norm=max_norm) if telemetry else guarded

@@ -66,6 +66,7 @@ def _axpy(alpha: jax.Array, x: Updates, y: Updates) -> Updates:
 class LbfgsRecord(NamedTuple):
     """What `scale_by_lbfgs` did with the curvature pair of its last step."""
 
+    record_kind = "lbfgs"  # telemetry: read by `read_health` under this name
     curvature: jax.Array  # s . y of the pair stored this step (0 on the first step)
     pair_skipped: jax.Array  # bool: the pair got weight 0 (s . y == 0, optax's rule)
     identity_scale: jax.Array  # gamma, the initial inverse-Hessian scale used this step
@@ -209,6 +210,7 @@ def _check_memory_size(memory_size: Any) -> None:
 class LinesearchRecord(NamedTuple):
     """What the line search did on its last step."""
 
+    record_kind = "linesearch"  # telemetry: read by `read_health` under this name
     steps: jax.Array  # int32 function evaluations (points tried) in the line search
     step_size: jax.Array  # the step size taken (0: no point with sufficient decrease)
     decrease_error: jax.Array  # > 0: the sufficient-decrease (Armijo) condition failed

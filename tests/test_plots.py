@@ -47,7 +47,7 @@ def history() -> list[dict[str, float]]:
 
 
 def test_plot_health_writes_png_from_read_health_dicts(history, tmp_path):
-    assert history[29]["skip/skipped"] == 1.0 and history[34]["health/nonfinite"] > 0
+    assert history[29]["stable/skipped"] == 1.0 and history[34]["health/nonfinite"] > 0
     path = plot_health(history, tmp_path / "health.png", title="stable(sgd)")
     assert path == tmp_path / "health.png"
     data = path.read_bytes()

@@ -167,7 +167,9 @@ def test_a_rank_6_leaf_error_names_arguments_of_the_function_called():
     params = {"layers": {"w": jnp.ones((LAYERS, 2, 3, 3, 2, 4))}}  # a stacked 5-d kernel
     for factory in (gx.stable, gx.adaptive_grad_clip):
         make = lambda factory=factory, **kw: (
-            gx.stable(gx.sgd(0.1), **kw) if factory is gx.stable else factory(0.05, **kw)
+            gx.stable(gx.sgd(0.1), max_update_ratio=0.05, **kw)
+            if factory is gx.stable
+            else factory(0.05, **kw)
         )
         with pytest.raises(ValueError, match=r"leaf 'layers/w'.*rank 6.*`stacked=`"):
             make().init(params)
@@ -179,7 +181,8 @@ def test_a_rank_6_leaf_error_names_arguments_of_the_function_called():
 
 def test_stable_with_stacked_clips_each_layer_like_separate_leaves():
     params, grads = _tree(0, (jnp.float32,) * 5), _tree(1, (jnp.float32,) * 5)
-    tx, ref = gx.stable(gx.adam(1e-2), stacked="layers"), gx.stable(gx.adam(1e-2))
+    tx = gx.stable(gx.adam(1e-2), max_update_ratio=0.01, stacked="layers")
+    ref = gx.stable(gx.adam(1e-2), max_update_ratio=0.01)
     s, r = tx.init(params), ref.init(_unstacked(params))
     for _ in range(3):
         u, s = jax.jit(tx.update)(grads, s, params)

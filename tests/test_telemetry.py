@@ -171,7 +171,7 @@ def test_assert_healthy_names_step_leaf_value_and_bound():
     g = noisy(0)
     g["layer1"]["w"] = g["layer1"]["w"].at[2].set(jnp.nan)
     state = feed(gx.health(), [noisy(1), g], PARAMS)
-    with pytest.raises(gx.NonFiniteGradientError, match=r"step 2: 1 NaN/inf values, in layer1/w"):
+    with pytest.raises(gx.NonFiniteGradientError, match=r"step 2: NaN/inf in 1 leaves, layer1/w"):
         gx.assert_healthy(state)
 
     state = feed(gx.health(max_norm=5.0), [noisy(0, 100.0)], PARAMS)

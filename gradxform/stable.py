@@ -1,0 +1,253 @@
+"""`stable(optimizer)`: the documented default guard. One pass over the gradient feeds both its
+decisions and its telemetry; on a healthy run it does nothing.
+
+Top of the module graph: it composes `telemetry` (the health record and its statistics) and
+`clipping` (an opt-in trust ratio); nothing imports it but the package.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradxform._base import GradientTransformationExtraArgs, chain, gradient_transformation
+from gradxform._checks import (
+    Stacked,
+    check_integer,
+    check_positive,
+    check_range,
+    check_stacked,
+    check_transform,
+)
+from gradxform._moments import LOG_NORM_MIN_STD
+from gradxform._stats import LeafStats, leaf_statistics
+from gradxform._tree import scale_leaf
+from gradxform.clipping import adaptive_grad_clip
+from gradxform.telemetry import (
+    HealthRule,
+    HealthState,
+    explosion,
+    health_rule,
+    init_health,
+    next_health,
+)
+
+MIN_STEP_SCALE = 2.0**-10  # the step scale's floor: ten backoffs, recovered in ten doublings
+
+
+class StableState(NamedTuple):
+    """What `stable` did on its last step, its health record, and the optimizer's state."""
+
+    record_kind = "stable"  # telemetry: read by `read_health` under this name
+    skipped: jax.Array  # bool: this step's update was zero (non-finite or spike)
+    clipped: jax.Array  # bool: this step's gradient was scaled down to `threshold`
+    skipped_total: jax.Array  # int32 steps skipped so far (saturating)
+    clipped_total: jax.Array  # int32 steps clipped so far (saturating)
+    consecutive: jax.Array  # int32 consecutive skipped steps (a stall shows here)
+    threshold: jax.Array  # float32 clip threshold on ||g|| in force (inf before warm-up)
+    step_scale: jax.Array  # float32 factor on the update: 1, lowered after spikes, recovering
+    health: HealthState  # the health record: its running moments are the guard's statistics
+    inner: Any  # the optimizer's state
+
+
+class _Rule(NamedTuple):
+    norm_z: float
+    max_norm_ratio: float | None
+    max_norm: float | None
+    z_thresh: float
+    backoff: float | None
+    recovery_steps: int
+    health: HealthRule
+
+
+class _Decision(NamedTuple):
+    skip: jax.Array  # bool: zero update, zero gradient to the optimizer
+    spike: jax.Array  # bool: a finite spike (lowers the step scale)
+    factor: jax.Array  # float32 gradient scale (1: not clipped)
+    threshold: jax.Array  # float32 clip threshold on ||g||
+    absorbed: jax.Array  # float32 log-norm the running moments take in (clipped)
+
+
+def stable(
+    optimizer: GradientTransformationExtraArgs,
+    *,
+    norm_z: float = 6.0,
+    max_norm_ratio: float | None = 100.0,
+    max_norm: float | None = None,
+    z_thresh: float = 3.0,
+    backoff: float | None = 0.5,
+    recovery_steps: int = 200,
+    max_update_ratio: float | None = None,
+    warmup_steps: int = 20,
+    telemetry: bool = True,
+    stacked: Stacked = None,
+) -> GradientTransformationExtraArgs:
+    """The documented default guard for any optimizer (SGD and Adam families alike).
+
+    One pass over the gradient (and the params, for telemetry) gives each leaf's squared norm
+    and its count of NaN/inf. From the running moments of log ||g|| (mean m, std s >= 0.25,
+    over the accepted steps after a warm-up of `warmup_steps`), each step:
+
+      skip   if g (or `loss=`, when passed to `update`) holds NaN/inf, or
+             z = (log||g|| - m) / s > norm_z, or ||g|| > max_norm_ratio * e**m (from the
+             second step on: a spike during the warm-up), or ||g|| > max_norm:
+             the update is zero and the optimizer is fed a zero gradient;
+      clip   g <- g * min(1, e**(m + z_thresh * s) / ||g||)  (after warm-up);
+      scale  the update by `step_scale`: halved (`backoff`) on each finite spike, and
+             recovering to 1 over `recovery_steps` accepted steps; 1 on a healthy run.
+
+    The moments take in the clipped log-norm of every finite step, so a lasting change of
+    scale is followed (a few dozen steps) rather than skipped for ever. `health`'s record
+    (`read_health(state)["health/..."]`) is computed from the same statistics, and the guard's
+    own record reads `stable/skipped`, `stable/clipped`, their totals, `stable/threshold` and
+    `stable/step_scale`.
+
+    What it costs and when not to use it: on a healthy run it leaves every step as it was
+    (the thresholds come from the run's own norms, so no init scale, zero-initialised leaf or
+    learning rate trips them: `benchmarks/stability.py` measures how often each acts). The
+    step adds one read of the gradient and params to the optimizer's (`benchmarks/
+    performance.py`: within 1.25x of `chain(clip_by_global_norm, opt)`). A skipped step feeds
+    the optimizer a zero gradient instead of restoring its state: its moments decay for one
+    step (Adam's `mu` by `b1`), which keeps the guard free of a copy of the optimizer state;
+    use `gx.skip_if` when the state must come back bitwise. It does not cure vanishing
+    gradients (it never enlarges a step) and does not replace a warm-up for a learning rate
+    that is too high for good: the step scale only buys time. With gradient accumulation put
+    the guard outside, `gx.stable(optax.MultiSteps(opt, k))`.
+
+    Args:
+      optimizer: any gradient transformation, e.g. `gx.adamw(1e-3)`.
+      norm_z: z-score of log ||g|| above which a step is skipped.
+      max_norm_ratio: skip when ||g|| exceeds this multiple of its running level, or `None`.
+      max_norm: absolute bound on ||g|| above which a step is skipped, or `None`.
+      z_thresh: z-score of log ||g|| above which the gradient is clipped to that level.
+      backoff: factor on the step scale after a spike, in (0, 1), or `None` (never scale).
+      recovery_steps: accepted steps over which the step scale doubles back, up to 1.
+      max_update_ratio: opt-in per-unit trust ratio after the optimizer
+        (`adaptive_grad_clip(max_update_ratio)`), or `None`. It bounds every step of a
+        zero-initialised leaf: leave it off unless that is what you want.
+      warmup_steps: accepted steps before the z-scores and the clip count.
+      telemetry: read the params too, for the record's non-finite-params check (`False`
+        saves that read; the gradient's statistics are recorded either way).
+      stacked: marks the leaves whose axis 0 is a layer axis (scanned layers): a regex
+        searched in the leaf name (`"layers"`) or a predicate `(name, leaf) -> bool`. The
+        trust ratio then treats each layer as its own leaf (see `adaptive_grad_clip`).
+
+    Examples:
+      >>> import gradxform as gx, jax.numpy as jnp
+      >>> tx = gx.stable(gx.adam(1e-3))
+      >>> params = {"w": jnp.ones(2)}
+      >>> u, state = tx.update({"w": jnp.array([jnp.inf, 1.0])}, tx.init(params), params)
+      >>> u["w"], gx.read_health(state)["stable/skipped"]
+      (Array([0., 0.], dtype=float32), 1.0)
+
+    References: Kumar et al., ZClip: Adaptive Spike Mitigation for LLM Pre-Training, 2025
+    (z-score clipping); Chowdhery et al., PaLM, 2022 (skipping spikes).
+    """
+    check_transform("optimizer", optimizer)
+    check_positive("norm_z", norm_z, finite=False)
+    check_range("max_norm_ratio", max_norm_ratio, 1.0, low_open=True, finite=False, optional=True)
+    check_positive("max_norm", max_norm, finite=False, optional=True)
+    check_positive("z_thresh", z_thresh, finite=False)
+    check_range("backoff", backoff, 0.0, 1.0, low_open=True, high_open=True, optional=True)
+    check_integer("recovery_steps", recovery_steps, 1)
+    check_positive("max_update_ratio", max_update_ratio, finite=False, optional=True)
+    check_stacked("stacked", stacked)
+    rule = _Rule(
+        norm_z, max_norm_ratio, max_norm, z_thresh, backoff, recovery_steps,
+        health_rule(
+            z_threshold=norm_z, max_norm=max_norm, max_growth=max_norm_ratio,
+            warmup_steps=warmup_steps, decay=0.99, baseline_decay=0.999,
+            vanishing_fraction=1e-3, ratio_floor=0.0, patience=20, dead_after=3,
+        ),
+    )  # fmt: skip
+    if max_update_ratio is not None:
+        optimizer = chain(optimizer, adaptive_grad_clip(max_update_ratio, stacked=stacked))
+
+    def init(params):
+        zero = lambda dtype: jnp.zeros([], dtype)
+        return StableState(
+            zero(bool), zero(bool), zero(jnp.int32), zero(jnp.int32), zero(jnp.int32),
+            jnp.asarray(jnp.inf, jnp.float32), jnp.ones([], jnp.float32),
+            init_health(params, rule.health, None), optimizer.init(params),
+        )  # fmt: skip
+
+    def update(grads, state, params=None, **extra_args):
+        leaves, treedef = jax.tree.flatten(grads)
+        with_params = telemetry and params is not None
+        p = treedef.flatten_up_to(params) if with_params else None
+        stats = leaf_statistics(leaves, p, zeros=False)
+        decision = _decide(state.health, stats, extra_args.get("loss"), rule)
+        skip = decision.skip
+        zeroed = lambda x, f: jnp.where(skip, jnp.zeros_like(x), scale_leaf(x, f))
+        grads = jax.tree.map(lambda g: zeroed(g, decision.factor), grads)
+        updates, inner_state = optimizer.update(grads, state.inner, params, **extra_args)
+        step_scale = _step_scale(state.step_scale, decision, rule)
+        scale = step_scale
+        if with_params:
+            # `* one` (exactly 1) makes the update depend on the params' sums: XLA then reads
+            # the params before `apply_updates` overwrites them in place, instead of copying.
+            scale *= 1.0 + 0.0 * jnp.isfinite(jnp.sum(stats.p_sq)).astype(jnp.float32)
+        updates = jax.tree.map(lambda u: zeroed(u, scale), updates)
+        accepted = stats.finite & jnp.isfinite(decision.absorbed)
+        count_if = lambda total, cond: jnp.where(cond, optax.safe_increment(total), total)
+        clipped = (decision.factor < 1) & ~skip
+        new_state = StableState(
+            skipped=skip,
+            clipped=clipped,
+            skipped_total=count_if(state.skipped_total, skip),
+            clipped_total=count_if(state.clipped_total, clipped),
+            consecutive=count_if(state.consecutive, skip) * skip,
+            threshold=decision.threshold,
+            step_scale=step_scale,
+            health=next_health(state.health, stats, rule.health, (accepted, decision.absorbed)),
+            inner=inner_state,
+        )
+        return updates, new_state
+
+    return gradient_transformation(init, update, extra_args=True)
+
+
+def _decide(record: HealthState, stats: LeafStats, loss: Any, rule: _Rule) -> _Decision:
+    """Skip, clip and what the moments absorb, from this step's norm and the running moments."""
+    norm, finite = stats.norm, stats.finite
+    if loss is not None:
+        if np.shape(loss) != ():
+            raise ValueError(
+                f"`loss` must be a scalar (the mean loss of the step), got shape {np.shape(loss)}."
+            )
+        finite &= jnp.isfinite(jnp.asarray(loss, jnp.float32))
+    log_norm = jnp.log(jnp.maximum(norm, 1e-30))
+    z, _, _ = explosion(record, norm, finite, rule.health)
+    moments = record.log_norm
+    spike = z > rule.norm_z
+    ratio_bound = jnp.inf
+    if rule.max_norm_ratio is not None:
+        above = moments.mean + jnp.log(rule.max_norm_ratio)
+        ratio_bound = jnp.where(moments.n >= 1, above, jnp.inf)
+        spike |= log_norm > ratio_bound
+    if rule.max_norm is not None:
+        spike |= norm > rule.max_norm
+    spike &= finite
+    std = jnp.maximum(jnp.sqrt(jnp.maximum(moments.var, 0.0)), LOG_NORM_MIN_STD)
+    warm = moments.n >= rule.health.warmup_steps
+    log_bound = jnp.where(warm, moments.mean + rule.z_thresh * std, jnp.inf)
+    factor = jnp.where(finite, jnp.exp(jnp.minimum(log_bound - log_norm, 0.0)), 1.0)
+    # A spike in the warm-up enters the moments at the ratio bound: a lasting jump is followed.
+    absorbed = jnp.minimum(log_norm, jnp.minimum(log_bound, ratio_bound))
+    absorbed = jnp.where(finite, absorbed, jnp.nan)
+    return _Decision(~finite | spike, spike, factor, jnp.exp(log_bound), absorbed)
+
+
+def _step_scale(scale: jax.Array, decision: _Decision, rule: _Rule) -> jax.Array:
+    """The factor on the update: times `backoff` on a spike, else doubling back over
+    `recovery_steps` steps to at most 1 (exactly 1 on a run without spikes)."""
+    if rule.backoff is None:
+        return scale
+    recovered = jnp.minimum(scale * 2.0 ** (1.0 / rule.recovery_steps), 1.0)
+    held = jnp.where(decision.skip, scale, recovered)  # a non-finite step: no evidence either way
+    clipped = jnp.where(decision.factor < 1, scale * rule.backoff**0.25, held)
+    return jnp.maximum(jnp.where(decision.spike, scale * rule.backoff, clipped), MIN_STEP_SCALE)
