@@ -24,6 +24,7 @@ from gradxform._checks import (
     check_transform,
 )
 from gradxform._moments import LOG_NORM_MIN_STD
+from gradxform._records import leaf_layers
 from gradxform._stats import LeafStats, leaf_statistics
 from gradxform._tree import scale_leaf
 from gradxform.clipping import adaptive_grad_clip
@@ -134,7 +135,8 @@ def stable(
         saves that read; the gradient's statistics are recorded either way).
       stacked: marks the leaves whose axis 0 is a layer axis (scanned layers): a regex
         searched in the leaf name (`"layers"`) or a predicate `(name, leaf) -> bool`. The
-        trust ratio then treats each layer as its own leaf (see `adaptive_grad_clip`).
+        health record then has per-layer entries (`health/grad_norm/layers/w[7]`) and the
+        trust ratio treats each layer as its own leaf (see `adaptive_grad_clip`).
 
     Examples:
       >>> import gradxform as gx, jax.numpy as jnp
@@ -161,7 +163,7 @@ def stable(
         health_rule(
             z_threshold=norm_z, max_norm=max_norm, max_growth=max_norm_ratio,
             warmup_steps=warmup_steps, decay=0.99, baseline_decay=0.999,
-            vanishing_fraction=1e-3, ratio_floor=0.0, patience=20, dead_after=3,
+            vanishing_fraction=1e-3, ratio_floor=0.0, patience=20, dead_after=3, stacked=stacked,
         ),
     )  # fmt: skip
     if max_update_ratio is not None:
@@ -179,7 +181,8 @@ def stable(
         leaves, treedef = jax.tree.flatten(grads)
         with_params = telemetry and params is not None
         p = treedef.flatten_up_to(params) if with_params else None
-        stats = leaf_statistics(leaves, p, zeros=False)
+        layers = leaf_layers(state.health.leaves)
+        stats = leaf_statistics(leaves, p, zeros=False, layers=layers)
         decision = _decide(state.health, stats, extra_args.get("loss"), rule)
         skip = decision.skip
         zeroed = lambda x, f: jnp.where(skip, jnp.zeros_like(x), scale_leaf(x, f))

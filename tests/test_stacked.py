@@ -204,3 +204,60 @@ def test_stacked_records_survive_an_orbax_round_trip(tmp_path):
         restored = checkpointer.restore(tmp_path / "state", tx.init(params))
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     assert gx.read_health(restored) == gx.read_health(state)
+
+
+# ----------------------------------------------------------------------------- health
+
+
+def _health_pair(**kwargs):
+    """(per-layer record of the stacked tree, record of its layers as separate leaves)."""
+    params, grads = _tree(0, (jnp.float32,) * 5), _grads(1)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    grads["layers"]["bias"] = grads["layers"]["bias"].at[1].set(0.0)  # a layer of zeros
+    tx, ref = gx.health(gx.sgd(0.1), stacked="layers", **kwargs), gx.health(gx.sgd(0.1), **kwargs)
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    split = _unstacked(params)
+    _, ref_state = jax.jit(ref.update)(_unstacked(grads), ref.init(split), split)
+    return state, ref_state, grads
+
+
+def test_health_of_a_stacked_leaf_is_that_of_its_layers_as_separate_leaves():
+    state, ref, grads = _health_pair()
+    for field in ("leaf_norms", "update_ratios"):
+        np.testing.assert_allclose(getattr(state, field), getattr(ref, field), rtol=1e-6)
+    np.testing.assert_array_equal(state.vanishing_leaves, ref.vanishing_leaves)
+    assert state.vanishing_leaves.any() and not state.vanishing_leaves.all()  # the zero layer
+    np.testing.assert_allclose(state.floats, ref.floats, rtol=1e-6)
+    np.testing.assert_array_equal(state.ints, ref.ints)
+    per_layer = np.linalg.norm(np.asarray(grads["layers"]["wide"], np.float64), axis=(1, 2))
+    np.testing.assert_allclose(state.per_leaf("leaf_norms")["layers"]["wide"], per_layer, rtol=1e-6)
+
+
+def test_read_health_names_the_layers_of_a_stacked_leaf():
+    state, ref, _ = _health_pair()
+    metrics, split = gx.read_health(state), gx.read_health(ref)
+    for i in range(LAYERS):
+        for stat in ("grad_norm", "update_ratio"):
+            name = f"health/{stat}/layers/kernel[{i}]"
+            assert metrics[name] == pytest.approx(split[f"health/{stat}/layers/kernel/{i}"])
+    assert "health/grad_norm/layers/kernel" not in metrics
+
+
+def test_a_nonfinite_layer_is_counted_and_named_by_assert_healthy():
+    params = {"layers": {"w": jnp.ones((LAYERS, 3, 5))}, "out": jnp.ones(5)}
+    grads = {"layers": {"w": jnp.ones((LAYERS, 3, 5)).at[2, 0, 0].set(jnp.nan)}, "out": jnp.ones(5)}
+    tx = gx.health(stacked="layers")
+    _, state = tx.update(grads, tx.init(params), params)
+    assert int(state.nonfinite) == 1 and bool(state.exploding)
+    with pytest.raises(gx.NonFiniteGradientError, match=r"layers/w\[2\]") as error:
+        gx.assert_healthy(state)
+    assert "w[0]" not in str(error.value)
+
+
+def test_stable_with_stacked_records_per_layer_health():
+    params, grads = _tree(0, (jnp.float32,) * 5), _grads(1)
+    tx = gx.stable(gx.adam(1e-3), stacked="layers")
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    metrics = gx.read_health(state)
+    norm = np.linalg.norm(np.asarray(grads["layers"]["conv"][3], np.float64))
+    assert metrics["health/grad_norm/layers/conv[3]"] == pytest.approx(norm, rel=1e-6)
