@@ -261,3 +261,20 @@ def test_stable_with_stacked_records_per_layer_health():
     metrics = gx.read_health(state)
     norm = np.linalg.norm(np.asarray(grads["layers"]["conv"][3], np.float64))
     assert metrics["health/grad_norm/layers/conv[3]"] == pytest.approx(norm, rel=1e-6)
+
+
+def test_stacked_states_keep_their_dtypes_under_x64_so_scan_carries_them():
+    with jax.enable_x64(True):
+        params = {"layers": {"w": jnp.ones((LAYERS, 3, 5))}, "b": jnp.ones(5)}
+        grads = jax.tree.map(lambda x: 2.0 * x, params)
+        tx = gx.health(
+            gx.chain(gx.adaptive_grad_clip(0.1, stacked="layers"), gx.sgd(0.1)),
+            stacked="layers",
+        )
+        init = tx.init(params)
+        carried, _ = jax.lax.scan(lambda s, _: (tx.update(grads, s, params)[1], None), init,
+                                  None, length=2)  # fmt: skip
+        dtypes = lambda s: [x.dtype for x in jax.tree.leaves(s)]
+        assert dtypes(carried) == dtypes(init)
+        assert jax.tree.structure(carried) == jax.tree.structure(init)
+        assert carried.leaf_norms.shape == (LAYERS + 1,)
