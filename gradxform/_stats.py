@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradxform._tree import SMALL_GROUP, SMALL_LEAF, abs_sq, is_sharded
+from gradxform._tree import SMALL_GROUP, SMALL_LEAF, abs_sq, is_sharded, once_per_shape
 
 
 class LeafStats(NamedTuple):
@@ -112,10 +112,10 @@ def _per_leaf_sums(leaves: list, term, rows: list[int]) -> jax.Array:
             leaves[i].reshape(rows[i], width[i]), ((0, 0), (0, w - width[i]))
         )
         pieces.append(f32(jnp.sum(term(jnp.concatenate([pad(i) for i in idx])), axis=1)))
-    for i in large + alone:  # a stacked leaf: one sum per layer (over axes 1..), one pass
-        x = leaves[i]
-        axes = None if rows[i] == 1 else tuple(range(1, x.ndim))
-        pieces.append(f32(jnp.sum(term(x), axis=axes)).reshape(rows[i]))
+    # each traced once per shape; a stacked leaf: one sum per layer (over axes 1..), one pass
+    whole = once_per_shape(lambda x: f32(jnp.sum(term(x))).reshape(1), leaves)
+    by_layer = once_per_shape(lambda x: f32(jnp.sum(term(x), axis=tuple(range(1, x.ndim)))), leaves)
+    pieces += [(whole if rows[i] == 1 else by_layer)(leaves[i]) for i in large + alone]
     done = [i for idx in groups for i in idx] + large + alone
     start = dict(zip(done, np.cumsum([0] + [rows[i] for i in done])[:-1], strict=True))
     order = np.concatenate([np.arange(start[i], start[i] + rows[i]) for i in range(n)])
