@@ -4,7 +4,8 @@ and trees at trace time (errors name the leaf path)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -123,9 +124,46 @@ def check_transform(name: str, value: Any) -> None:
     )
 
 
+Stacked = str | Callable[[str, Any], bool] | None  # a regex on leaf names, a predicate or None
+
+
+def check_stacked(name: str, value: Stacked) -> Callable[[str, Any], bool] | None:
+    """`value` as a predicate `(leaf_name, leaf) -> bool` marking the leaves whose axis 0 is a
+    layer axis (None stays None), or an error naming `name`.
+
+    A string is a regular expression searched in the leaf name (`"layers"` matches every leaf
+    under `layers`); a callable is used as it is.
+    """
+    if value is None or callable(value):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(
+            f"`{name}` must be None, a regular expression searched in the leaf names (e.g. "
+            f'`"layers"`) or a predicate `(name, leaf) -> bool`, got {value!r}.'
+        )
+    try:
+        pattern = re.compile(value)
+    except re.error as e:
+        raise ValueError(
+            f'`{name}` must be a valid regular expression on the leaf names (e.g. `"layers"`), '
+            f"got {value!r}: {e}."
+        ) from None
+    return lambda leaf_name, leaf: pattern.search(leaf_name) is not None
+
+
 def path_name(path: Sequence[Any]) -> str:
     """`Dense_0/kernel` for the key path of a leaf (`<root>` for a bare array)."""
     return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
+
+
+def leaf_name(path: Sequence[Any]) -> str:
+    """`path_name` without the `value` attribute that wraps a leaf in a Flax NNX `Variable`, so
+    a leaf (and a record) reads the same under `nnx.Optimizer` as in a plain pytree: `kernel`,
+    not `kernel/value`. Only an attribute is dropped: a dict key named `value` stays."""
+    path = tuple(path)
+    while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    return path_name(path) if path else ""
 
 
 def _leaf_dtype(leaf: Any) -> np.dtype:

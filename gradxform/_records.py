@@ -1,5 +1,6 @@
-"""Records a transform keeps of what it saw: per-leaf vectors named by buffer-free `Leaf`
-trees, the clipping record, and the one walk that finds records in a nested optimizer state.
+"""Records a transform keeps of what it saw: per-unit vectors named by buffer-free slots trees
+(`Leaf` per params leaf, a tuple of `Layer` per stacked leaf), the clipping record, and the
+one walk that finds records in a nested optimizer state.
 
 The record protocol: a state class that carries telemetry is a NamedTuple with a class
 attribute `record_kind` (`"health"`, `"clip"`, `"skip"`, ...). `telemetry_records` finds every
@@ -14,6 +15,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from gradxform._checks import Stacked, check_stacked, leaf_name
 
 
 class Leaf(NamedTuple):
@@ -25,14 +29,61 @@ class Leaf(NamedTuple):
     """
 
 
-def leaf_slots(params: Any) -> Any:
-    """A tree shaped like `params` with a `Leaf()` for every leaf."""
-    return jax.tree.map(lambda _: Leaf(), params)
+class Layer(NamedTuple):
+    """Stands for one layer of a stacked leaf (axis 0 a layer axis): a stacked leaf of L
+    layers is a tuple of L `Layer()` in the slots tree. Buffer-free, like `Leaf`."""
+
+
+def _is_unit(x: Any) -> bool:
+    return isinstance(x, Leaf | Layer)
+
+
+def _is_slot(x: Any) -> bool:
+    """A params leaf's slot: a `Leaf`, or the tuple of `Layer`s of a stacked leaf."""
+    return isinstance(x, Leaf) or (type(x) is tuple and bool(x) and isinstance(x[0], Layer))
+
+
+def leaf_slots(params: Any, stacked: Stacked = None) -> Any:
+    """A tree shaped like `params` with a `Leaf()` for every leaf, or, for a leaf that
+    `stacked` marks (a regex on its name or a predicate, see `check_stacked`), a tuple of one
+    `Layer()` per index of its axis 0."""
+    marks = check_stacked("stacked", stacked)
+
+    def slot(path, leaf):
+        name = leaf_name(path)
+        if marks is None or not marks(name, leaf):
+            return Leaf()
+        if np.ndim(leaf) < 1 or np.shape(leaf)[0] < 1:
+            raise ValueError(
+                f"`stacked` marks leaf {name or '<root>'!r} as stacked layers (axis 0 a layer "
+                f"axis), but its shape is {np.shape(leaf)}: a stacked leaf needs at least one "
+                "dimension and one layer. Narrow the regex or predicate passed as `stacked`."
+            )
+        return tuple(Layer() for _ in range(np.shape(leaf)[0]))
+
+    return jax.tree_util.tree_map_with_path(slot, params)
 
 
 def slots_structure(slots: Any) -> Any:
-    """The treedef of `params` that `slots = leaf_slots(params)` was built from."""
-    return jax.tree.structure(slots, is_leaf=lambda x: isinstance(x, Leaf))
+    """The treedef of `params` that `slots = leaf_slots(params, ...)` was built from."""
+    return jax.tree.structure(slots, is_leaf=_is_slot)
+
+
+def leaf_layers(slots: Any) -> list[int | None]:
+    """Per params leaf (`jax.tree.leaves` order): its number of layers if stacked, else None."""
+    return [
+        None if isinstance(s, Leaf) else len(s) for s in jax.tree.leaves(slots, is_leaf=_is_slot)
+    ]
+
+
+def unit_names(slots: Any) -> list[str]:
+    """The name of each entry of a per-unit vector: `Dense_0/kernel`, or `layers/w[7]` for
+    layer 7 of a stacked leaf (`""` for a bare array)."""
+    units = jax.tree_util.tree_leaves_with_path(slots, is_leaf=_is_unit)
+    return [
+        f"{leaf_name(path[:-1])}[{path[-1].idx}]" if isinstance(unit, Layer) else leaf_name(path)
+        for path, unit in units
+    ]
 
 
 def check_slots(slots: Any, updates: Any, name: str) -> None:
@@ -46,9 +97,17 @@ def check_slots(slots: Any, updates: Any, name: str) -> None:
 
 
 def unflatten_vector(slots: Any, values: jax.Array) -> Any:
-    """`values`' last axis (one entry per leaf, `jax.tree.leaves` order) as a params tree."""
-    treedef = slots_structure(slots)
-    return treedef.unflatten([values[..., i] for i in range(treedef.num_leaves)])
+    """`values`' last axis (one entry per unit: per leaf, or per layer of a stacked leaf, in
+    `jax.tree.leaves` order) as a params tree; a stacked leaf holds a tuple of its layers'."""
+    pieces, i = [], 0
+    for layers in leaf_layers(slots):
+        if layers is None:
+            pieces.append(values[..., i])
+            i += 1
+        else:
+            pieces.append(tuple(values[..., i + j] for j in range(layers)))
+            i += layers
+    return slots_structure(slots).unflatten(pieces)
 
 
 def stack_scalars(scalars: Sequence[jax.Array], dtype: Any) -> jax.Array:
@@ -56,32 +115,40 @@ def stack_scalars(scalars: Sequence[jax.Array], dtype: Any) -> jax.Array:
     return jnp.stack(scalars).astype(dtype) if scalars else jnp.zeros([0], dtype)
 
 
+def stack_units(values: Sequence[jax.Array], dtype: Any) -> jax.Array:
+    """One vector of per-unit values: a scalar per leaf, or a vector per stacked leaf."""
+    if not values:
+        return jnp.zeros([0], dtype)
+    return jnp.concatenate([jnp.reshape(v, -1).astype(dtype) for v in values])
+
+
 class ClipRecord(NamedTuple):
     """What a clipping transform saw and did on its last step. Per-leaf clips hold vectors,
-    one entry per leaf in `jax.tree.leaves` order, named by `leaves` (`per_leaf` gives
-    trees); `leaves` is None for the others."""
+    one entry per leaf (per layer for a stacked leaf) in `jax.tree.leaves` order, named by
+    `leaves` (`per_leaf` gives trees); `leaves` is None for the others."""
 
     norm: jax.Array  # float32 statistic compared with the threshold, before clipping
     threshold: jax.Array  # float32 threshold in force on that step (one for all leaves)
     clipped: jax.Array  # bool, True where the update was scaled down
-    leaves: Any = None  # per-leaf clips: `leaf_slots(params)`
+    leaves: Any = None  # per-leaf clips: `leaf_slots(params, stacked)`
 
     def per_leaf(self, field: str) -> Any:
         """`norm` or `clipped` of a per-leaf clip as a tree shaped like the params."""
         return unflatten_vector(self.leaves, getattr(self, field))
 
 
-def no_clip_record(params: Any = None) -> ClipRecord:
-    """An all-zero record; with `params`, a per-leaf record with one entry per leaf."""
+def no_clip_record(params: Any = None, stacked: Stacked = None) -> ClipRecord:
+    """An all-zero record; with `params`, a per-leaf record with one entry per unit (per leaf,
+    or per layer of the leaves `stacked` marks)."""
     if params is None:
         return ClipRecord(
             jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([], bool)
         )
-    n = len(jax.tree.leaves(params))
+    slots = leaf_slots(params, stacked)
+    n = len(unit_names(slots))
     return ClipRecord(
-        jnp.zeros([n], jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([n], bool),
-        leaf_slots(params),
-    )  # fmt: skip
+        jnp.zeros([n], jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([n], bool), slots
+    )
 
 
 def find_states(tree: Any, types: type | tuple[type, ...]) -> list[Any]:

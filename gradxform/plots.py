@@ -131,19 +131,54 @@ def _draw_step_marks(ax, steps, columns, record, global_norm) -> None:
         )  # fmt: skip
 
 
+def _steps(columns: dict[str, np.ndarray], record: str, n: int) -> np.ndarray:
+    """The x of each logged record: `<record>/count`, a record without one (a key that starts
+    late, a non-finite last record) placed one step per record from its neighbours; the
+    record's index 1..n when the counts do not increase (a health record frozen by a guard
+    that skips every step after an instability)."""
+    index = np.arange(1, n + 1, dtype=np.float64)
+    count = columns.get(f"{record}/count", np.full(n, np.nan))
+    known = np.isfinite(count)
+    if not known.any():
+        return index
+    steps = index + np.interp(index, index[known], (count - index)[known])
+    return steps if np.all(np.diff(steps) > 0) else index
+
+
+def _thresholds(columns: dict[str, np.ndarray], panel: str) -> list[str]:
+    """The `<kind>/threshold` keys of the bounds drawn on `panel`: `"norm"` for the bounds on
+    the global norm (`clip_by_global_norm`, `zclip`, `autoclip`), `"ratio"` for AGC's bound
+    on ||g_unit|| / ||p_unit||. A per-leaf clip's bound (on each leaf's norm or RMS: its
+    record has `<kind>/norm/<leaf>` entries) is on neither axis, so it is not drawn."""
+    keys = []
+    for key in sorted(columns, key=_natural):
+        kind, _, field = key.partition("/")
+        if field != "threshold":
+            continue
+        on = "ratio" if re.fullmatch(r"agc(_\d+)?", kind) else "norm"
+        per_leaf = any(k.startswith(f"{kind}/norm/") for k in columns)
+        if on == panel and (on == "ratio" or not per_leaf):
+            keys.append(key)
+    return keys
+
+
+def _draw_thresholds(ax, steps, columns, panel: str, label: str) -> None:
+    """Dashed lines of the bounds `_thresholds` puts on `panel` (inf: not clipping, left out)."""
+    for key in _thresholds(columns, panel):
+        shown = np.isfinite(columns[key]) & (columns[key] > 0)
+        if shown.any():
+            kind = key.partition("/")[0]
+            ax.plot(
+                steps, np.where(shown, columns[key], np.nan), "--", lw=0.9, label=f"{kind} {label}"
+            )
+
+
 def _draw_global_norm(ax, steps, columns, record) -> None:
-    """Panel 2: the global norm (log scale), every clipping threshold, and the step marks."""
+    """Panel 2: the global norm (log scale), the bounds on it, and the step marks."""
     global_norm = columns[f"{record}/global_norm"]
     ok = np.isfinite(global_norm) & (global_norm > 0)
     ax.plot(steps, np.where(ok, global_norm, np.nan), lw=0.9, color="black", label="global norm")
-    for key in sorted(columns, key=_natural):
-        kind, _, field = key.partition("/")
-        shown = np.isfinite(columns[key]) & (columns[key] > 0)
-        if field == "threshold" and kind != record and shown.any():  # inf: not clipping
-            ax.plot(
-                steps, np.where(shown, columns[key], np.nan), "--", lw=0.9,
-                label=f"{kind} threshold",
-            )  # fmt: skip
+    _draw_thresholds(ax, steps, columns, "norm", "threshold")
     _draw_step_marks(ax, steps, columns, record, global_norm)
     if ok.any():
         ax.set_yscale("log")
@@ -154,8 +189,8 @@ def _draw_global_norm(ax, steps, columns, record) -> None:
 
 
 def _draw_update_ratios(mpl, fig, ax, cax, steps, columns, record) -> None:
-    """Panel 3: each leaf's update-to-parameter ratio, coloured input to output, with the
-    steps flagged `vanishing` shaded."""
+    """Panel 3: each leaf's update-to-parameter ratio, coloured input to output, AGC's bound on
+    the unit ratio, and the steps flagged `vanishing` shaded."""
     from matplotlib.colors import Normalize
 
     ratio_names, ratios = _leaves(columns, f"{record}/update_ratio/")
@@ -166,13 +201,15 @@ def _draw_update_ratios(mpl, fig, ax, cax, steps, columns, record) -> None:
         ok = np.isfinite(values) & (values > 0) & (values < _ZERO_PARAM_RATIO)
         drawn |= bool(ok.any())
         ax.plot(steps, np.where(ok, values, np.nan), lw=0.7, color=cmap(order(i)))
+    _draw_thresholds(ax, steps, columns, "ratio", "unit ratio bound")
     vanishing = columns.get(f"{record}/vanishing", np.zeros(len(steps))) > 0
     if vanishing.any():
         ax.fill_between(
             steps, 0, 1, where=vanishing, step="mid", transform=ax.get_xaxis_transform(),
             color="tab:blue", alpha=0.12, label="vanishing flag",
         )  # fmt: skip
-        ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), ncol=4, frameon=False)
     if drawn:
         ax.set_yscale("log")
     if ratio_names:
@@ -197,12 +234,20 @@ def plot_health(
     1. per-leaf gradient norm heatmap, log colour scale, leaves in network order (natural
        sort of the leaf paths, input at the top): vanishing gradients show as a dark band at
        the early layers, an explosion as a bright column; non-finite norms in cyan;
-    2. the global gradient norm (log scale) with every clipping threshold in the history
-       (`clip/threshold`, `zclip/threshold`, ...), steps flagged `exploding` (triangles) and
-       skipped steps (`skip/skipped`, `loss_scale/skipped`: red lines);
-    3. each leaf's update-to-parameter ratio (log scale, coloured input to output), with the
-       steps flagged `vanishing` shaded (ratios of all-zero parameters, e.g. a zero-initialised
-       bias on its first step, are left out).
+    2. the global gradient norm (log scale) with the thresholds on it (`clip/threshold` of
+       `clip_by_global_norm`, `zclip/threshold`, `autoclip/threshold`), steps flagged
+       `exploding` (triangles) and skipped steps (`skip/skipped`, `loss_scale/skipped`: red
+       lines);
+    3. each leaf's update-to-parameter ratio (log scale, coloured input to output), with
+       AGC's bound on the unit ratio (`agc/threshold`) and the steps flagged `vanishing`
+       shaded (ratios of all-zero parameters, e.g. a zero-initialised bias on its first step,
+       are left out).
+
+    Per-leaf clips' bounds (`clip_by_leaf_norm`, `clip_by_block_rms`) bound each leaf, not a
+    plotted axis, and are not drawn. Every logged record is a column, also when the run
+    stopped on an instability: records after it that hold NaN/inf are drawn as such (cyan),
+    and when the health record's count stops increasing (a guard skipping every step) the
+    x axis is the record's index.
 
     Args:
       history: a list of `gx.read_health(opt_state)` dicts, one per logged step, or a dict of
@@ -223,6 +268,13 @@ def plot_health(
       >>> png.stat().st_size > 0
       True
     """
+    path = Path(path)
+    _figure(history, record, title).savefig(path, dpi=100)
+    return path
+
+
+def _figure(history: History, record: str, title: str | None) -> Any:
+    """`plot_health`'s matplotlib `Figure` (its axes: heatmap, global norm, ratios, bars)."""
     mpl, Figure, FigureCanvasAgg = _matplotlib()
     columns = _columns(history)
     norm_key = f"{record}/global_norm"
@@ -233,9 +285,7 @@ def plot_health(
             "chain (or use `gx.stable`), log `gx.read_health(opt_state)` each step, or pass "
             "`record=` naming one of the health records."
         )
-    n = len(columns[norm_key])
-    count = columns.get(f"{record}/count")
-    steps = count if count is not None and np.all(np.isfinite(count)) else np.arange(1, n + 1)
+    steps = _steps(columns, record, len(columns[norm_key]))
     leaf_names, grad_norms = _leaves(columns, f"{record}/grad_norm/")
 
     rows = max(len(leaf_names), 1)
@@ -253,7 +303,4 @@ def plot_health(
     _draw_global_norm(ax_norm, steps, columns, record)
     _draw_update_ratios(mpl, fig, ax_ratio, fig.add_subplot(grid[2, 1]), steps, columns, record)
     fig.add_subplot(grid[1, 1]).set_axis_off()
-
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return fig

@@ -8,7 +8,6 @@ the step and the layers; `check_healthy` makes the same checks inside `jit` unde
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import jax
@@ -17,9 +16,9 @@ import numpy as np
 import optax
 from jax.experimental import checkify
 
-from gradxform._checks import path_name
+from gradxform._checks import leaf_name
 from gradxform._moments import Moments
-from gradxform._records import ClipRecord, find_states, telemetry_records
+from gradxform._records import ClipRecord, find_states, telemetry_records, unit_names
 from gradxform._tree import global_norm
 from gradxform.telemetry import HealthState
 
@@ -63,12 +62,25 @@ def _scalar(x: Any) -> float:
 
 
 def _leaf_name(path) -> str:
-    return re.sub(r"/value$", "", path_name(path))
+    """The same name under every client: a Flax NNX `Variable`'s `value` is dropped."""
+    return leaf_name(path)
 
 
-def _flat(prefix: str, tree: Any, out: dict[str, float]) -> None:
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        out[f"{prefix}/{_leaf_name(path)}" if path else prefix] = _scalar(leaf)
+def _units(slots: Any, vector: Any) -> list[tuple[str, float]]:
+    """`(name, value)` of each entry of a per-unit vector (`Dense_0/kernel`, `layers/w[7]`)."""
+    vector = np.asarray(vector)
+    return [(name, _scalar(vector[..., i])) for i, name in enumerate(unit_names(slots))]
+
+
+def _flat(prefix: str, tree: Any, out: dict[str, float], slots: Any = None) -> None:
+    """`out[prefix/name] = value` for the leaves of `tree`, or, with `slots`, for the entries
+    of the per-unit vector `tree`."""
+    if slots is not None:
+        named = _units(slots, tree)
+    else:
+        named = [(_leaf_name(p), _scalar(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+    for name, value in named:
+        out[f"{prefix}/{name}" if name else prefix] = value
 
 
 def read_health(opt_state: Any) -> dict[str, float]:
@@ -106,9 +118,8 @@ def read_health(opt_state: Any) -> dict[str, float]:
                     continue
                 if isinstance(value, ClipRecord):
                     for sub in ("norm", "threshold", "clipped"):
-                        per_leaf = value.leaves is not None and sub != "threshold"
-                        tree = value.per_leaf(sub) if per_leaf else getattr(value, sub)
-                        _flat(f"{name}/{sub}", tree, out)
+                        slots = None if sub == "threshold" else value.leaves  # per-leaf clips
+                        _flat(f"{name}/{sub}", getattr(value, sub), out, slots)
                 elif isinstance(value, Moments):
                     out[f"{name}/{field}_mean"] = _scalar(value.mean)
                     out[f"{name}/{field}_std"] = math.sqrt(max(_scalar(value.var), 0.0))
@@ -129,9 +140,9 @@ def _read_health_record(name: str, record: HealthState, out: dict[str, float]) -
         value = _scalar(getattr(record, field))
         if not (field == "zero_fraction" and math.isnan(value)):  # `stable` does not count
             out[f"{name}/{field}"] = value
-    _flat(f"{name}/grad_norm", record.per_leaf("leaf_norms"), out)
+    _flat(f"{name}/grad_norm", record.leaf_norms, out, record.leaves)
     if not np.all(np.isnan(record.update_ratios)):  # `stable` does not measure them
-        _flat(f"{name}/update_ratio", record.per_leaf("update_ratios"), out)
+        _flat(f"{name}/update_ratio", record.update_ratios, out, record.leaves)
 
 
 # ----------------------------------------------------------------------------- assertions
@@ -200,8 +211,9 @@ def _stalled(opt_state: Any, fetched: list[tuple[str, Any]]) -> str | None:
     return None
 
 
-def _top(tree: Any, k: int = 3, reverse: bool = True) -> list[tuple[str, float]]:
-    items = [(_leaf_name(p), _scalar(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+def _top(record: HealthState, k: int = 3, reverse: bool = True) -> list[tuple[str, float]]:
+    """The `k` largest (`reverse`) or smallest units of the record by gradient norm."""
+    items = _units(record.leaves, record.leaf_norms)
     key = lambda item: (math.isfinite(item[1]), item[1]) if reverse else item[1]
     return sorted(items, key=key, reverse=reverse)[:k]
 
@@ -269,7 +281,7 @@ def _nonfinite_error(name: str, record: HealthState) -> GradientHealthError | No
     """The error for a step with NaN/inf gradient values, naming the leaves that hold them."""
     if _scalar(record.nonfinite) == 0:
         return None
-    leaf_norms = _top(record.per_leaf("leaf_norms"), k=10**9)
+    leaf_norms = _top(record, k=10**9)
     bad = [n for n, v in leaf_norms if not math.isfinite(v)]
     return NonFiniteGradientError(
         f"Non-finite gradient at step {int(_scalar(record.count))}: NaN/inf in "
@@ -312,7 +324,7 @@ def _explosion_error(
     else:
         z, z_bound = _scalar(record.z_score), _scalar(record.z_bound)
         bound = f"z-score {z:.1f} of log-norm > {z_bound:g} over its running history"
-    culprits = ", ".join(f"{n} (norm {v:.3g})" for n, v in _top(record.per_leaf("leaf_norms")))
+    culprits = ", ".join(f"{n} (norm {v:.3g})" for n, v in _top(record))
     return GradientExplosionError(
         f"Gradient explosion at step {int(_scalar(record.count))}: global norm {norm:.4g} "
         f"({bound}); largest in {culprits} ({name}). Remedies: clip (`gx.clip_by_global_norm`, "
@@ -325,9 +337,8 @@ def _vanishing_error(name: str, record: HealthState) -> GradientHealthError | No
     """The error for a finite step flagged `vanishing`, naming the leaves below the bounds."""
     if not _finite_step(record) or not bool(_scalar(record.vanishing)):
         return None
-    flags = jax.tree_util.tree_leaves_with_path(record.per_leaf("vanishing_leaves"))
-    low = [_leaf_name(path) for path, flag in flags if bool(_scalar(flag))]
-    leaf_norms = _top(record.per_leaf("leaf_norms"), reverse=False)
+    low = [name for name, flag in _units(record.leaves, record.vanishing_leaves) if flag]
+    leaf_norms = _top(record, reverse=False)
     smallest = ", ".join(f"{n} (norm {v:.3g})" for n, v in leaf_norms)
     dead = int(_scalar(record.dead_leaves))
     why = (

@@ -15,8 +15,16 @@ import numpy as np
 import optax
 
 from gradxform._base import GradientTransformationExtraArgs, chain, gradient_transformation
-from gradxform._checks import check_integer, check_positive, check_range, check_transform
+from gradxform._checks import (
+    Stacked,
+    check_integer,
+    check_positive,
+    check_range,
+    check_stacked,
+    check_transform,
+)
 from gradxform._moments import LOG_NORM_MIN_STD
+from gradxform._records import leaf_layers
 from gradxform._stats import LeafStats, leaf_statistics
 from gradxform._tree import scale_leaf
 from gradxform.clipping import adaptive_grad_clip
@@ -79,6 +87,7 @@ def stable(
     max_update_ratio: float | None = None,
     warmup_steps: int = 20,
     telemetry: bool = True,
+    stacked: Stacked = None,
 ) -> GradientTransformationExtraArgs:
     """The documented default guard for any optimizer (SGD and Adam families alike).
 
@@ -128,6 +137,10 @@ def stable(
       warmup_steps: accepted steps before the z-scores and the clip count.
       telemetry: read the params too, for the record's non-finite-params check (`False`
         saves that read; the gradient's statistics are recorded either way).
+      stacked: marks the leaves whose axis 0 is a layer axis (scanned layers): a regex
+        searched in the leaf name (`"layers"`) or a predicate `(name, leaf) -> bool`. The
+        health record then has per-layer entries (`health/grad_norm/layers/w[7]`) and the
+        trust ratio treats each layer as its own leaf (see `adaptive_grad_clip`).
 
     Examples:
       >>> import gradxform as gx, jax.numpy as jnp
@@ -148,16 +161,17 @@ def stable(
     check_range("backoff", backoff, 0.0, 1.0, low_open=True, high_open=True, optional=True)
     check_integer("recovery_steps", recovery_steps, 1)
     check_positive("max_update_ratio", max_update_ratio, finite=False, optional=True)
+    check_stacked("stacked", stacked)
     rule = _Rule(
         norm_z, max_norm_ratio, max_norm, z_thresh, backoff, recovery_steps,
         health_rule(
             z_threshold=norm_z, max_norm=max_norm, max_growth=max_norm_ratio,
             warmup_steps=warmup_steps, decay=0.99, baseline_decay=0.999,
-            vanishing_fraction=1e-3, ratio_floor=0.0, patience=20, dead_after=3,
+            vanishing_fraction=1e-3, ratio_floor=0.0, patience=20, dead_after=3, stacked=stacked,
         ),
     )  # fmt: skip
     if max_update_ratio is not None:
-        optimizer = chain(optimizer, adaptive_grad_clip(max_update_ratio))
+        optimizer = chain(optimizer, adaptive_grad_clip(max_update_ratio, stacked=stacked))
 
     def init(params):
         zero = lambda dtype: jnp.zeros([], dtype)
@@ -172,7 +186,8 @@ def stable(
         leaves, treedef = jax.tree.flatten(grads)
         with_params = telemetry and params is not None
         p = treedef.flatten_up_to(params) if with_params else None
-        stats = leaf_statistics(leaves, p, zeros=False)
+        layers = leaf_layers(state.health.leaves)
+        stats = leaf_statistics(leaves, p, zeros=False, layers=layers)
         decision = _decide(state.health, stats, extra_args.get("loss"), rule)
         skip = decision.skip
         zeroed = lambda x, f: jnp.where(skip, jnp.zeros_like(x), scale_leaf(x, f))

@@ -18,14 +18,23 @@ import optax
 
 from gradxform._base import EmptyState, GradientTransformationExtraArgs, gradient_transformation
 from gradxform._checks import (
+    Stacked,
     check_decay,
     check_integer,
     check_positive,
     check_range,
+    check_stacked,
     check_transform,
 )
 from gradxform._moments import LOG_NORM_MIN_STD, Moments, moments_update, moments_zscore
-from gradxform._records import check_slots, leaf_slots, stack_scalars, unflatten_vector
+from gradxform._records import (
+    check_slots,
+    leaf_layers,
+    leaf_slots,
+    stack_scalars,
+    unflatten_vector,
+    unit_names,
+)
 from gradxform._stats import LeafStats, leaf_statistics
 
 # health's scalar statistics, by name. They are packed into two vectors because XLA:CPU
@@ -44,7 +53,7 @@ _FLOATS = (
 )  # fmt: skip
 _INTS = (
     "count",  # steps seen (saturating)
-    "nonfinite",  # number of gradient leaves holding NaN/inf this step
+    "nonfinite",  # number of gradient leaves (layers, if stacked) holding NaN/inf this step
     "nonfinite_params",  # number of params leaves holding NaN/inf this step
     "log_norm_n", "baseline_n",  # finite steps in the running moments (saturating)
     "vanishing_streak",  # consecutive steps with some vanishing leaf
@@ -71,14 +80,14 @@ class HealthState(NamedTuple):
 
     Scalars are read by name: `state.global_norm`, `state.z_score`, `state.exploding`, ...
     (stored packed in `floats` and `ints`, two buffers instead of twenty). Per-leaf statistics
-    are vectors, one entry per params leaf in `jax.tree.leaves` order; `per_leaf(field)` gives
-    one as a tree shaped like the params.
+    are vectors, one entry per params leaf (per layer of a stacked leaf) in `jax.tree.leaves`
+    order; `per_leaf(field)` gives one as a tree shaped like the params.
     """
 
     record_kind = "health"  # telemetry: read by `read_health` under this name
     floats: jax.Array  # float32 statistics, packed: read them by name (`state.global_norm`)
     ints: jax.Array  # int32 counters and flags, packed: read them by name (`state.exploding`)
-    leaves: Any  # `leaf_slots(params)`: names the entries of the vectors (holds no buffer)
+    leaves: Any  # `leaf_slots(params, stacked)`: names the vectors' entries (holds no buffer)
     leaf_norms: jax.Array  # float32[leaves]: ||g_l||
     update_ratios: jax.Array  # float32[leaves]: ||u_l|| / ||p_l||; NaN where not measured
     vanishing_leaves: jax.Array  # bool[leaves]: below the vanishing bounds, or dead, this step
@@ -133,6 +142,7 @@ class HealthRule(NamedTuple):
     ratio_floor: float
     patience: int
     dead_after: int
+    stacked: Stacked = None
 
 
 def health(
@@ -149,6 +159,7 @@ def health(
     patience: int = 20,
     dead_after: int = 3,
     axis_name: str | None = None,
+    stacked: Stacked = None,
 ) -> GradientTransformationExtraArgs:
     """Record gradient-health statistics and flags in the state; pass updates through.
 
@@ -191,6 +202,11 @@ def health(
       dead_after: consecutive steps with a dead leaf before `vanishing` is raised.
       axis_name: `psum` every per-leaf sum over this axis (parameters sharded across it), so
         norms, counts, ratios and flags are those of the whole model on every device.
+      stacked: marks the leaves whose axis 0 is a layer axis (scanned layers): a regex
+        searched in the leaf name (`"layers"` matches every leaf under `layers`) or a
+        predicate `(name, leaf) -> bool`. Each layer of such a leaf is a unit of its own:
+        its norm, update ratio, counts and vanishing flag (reduced over axes 1.., in the same
+        pass), named `health/grad_norm/layers/w[7]` by `read_health`.
 
     Examples:
       >>> import gradxform as gx, jax.numpy as jnp
@@ -206,7 +222,7 @@ def health(
         z_threshold=z_threshold, max_norm=max_norm, max_growth=max_growth,
         warmup_steps=warmup_steps, decay=decay, baseline_decay=baseline_decay,
         vanishing_fraction=vanishing_fraction, ratio_floor=ratio_floor, patience=patience,
-        dead_after=dead_after,
+        dead_after=dead_after, stacked=stacked,
     )  # fmt: skip
 
     def init(params):
@@ -221,7 +237,7 @@ def health(
         leaves, treedef = jax.tree.flatten(grads)
         p, u = (None, None) if params is None else (treedef.flatten_up_to(params),
                                                     treedef.flatten_up_to(updates))  # fmt: skip
-        stats = leaf_statistics(leaves, p, u, axis_name)
+        stats = leaf_statistics(leaves, p, u, axis_name, layers=leaf_layers(state.leaves))
         record = next_health(state, stats, rule)._replace(inner=inner_state)
         if params is not None:
             # `* one` (exactly 1: the count is finite) makes the update depend on the sums,
@@ -247,12 +263,14 @@ def health_rule(**kwargs: Any) -> HealthRule:
     check_integer("patience", rule.patience, 1)
     check_integer("dead_after", rule.dead_after, 1)
     check_integer("warmup_steps", rule.warmup_steps, 0)
+    check_stacked("stacked", rule.stacked)
     return rule
 
 
 def init_health(params: Any, rule: HealthRule, inner: Any) -> HealthState:
     """The record before the first step: zero statistics, the bounds, no leaf seen alive."""
-    n = len(jax.tree.leaves(params))
+    slots = leaf_slots(params, rule.stacked)
+    n = len(unit_names(slots))
     floats = dict.fromkeys(_FLOATS, 0.0) | dict(
         growth=1.0,
         z_bound=rule.z_threshold,
@@ -262,7 +280,7 @@ def init_health(params: Any, rule: HealthRule, inner: Any) -> HealthState:
     return HealthState(
         floats=stack_scalars([floats[k] for k in _FLOATS], jnp.float32),
         ints=jnp.zeros([len(_INTS)], jnp.int32),
-        leaves=leaf_slots(params),
+        leaves=slots,
         leaf_norms=jnp.zeros([n], jnp.float32),
         update_ratios=jnp.zeros([n], jnp.float32),
         vanishing_leaves=jnp.zeros([n], bool),

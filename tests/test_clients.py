@@ -1,6 +1,8 @@
 """gradxform inside the clients users put it in: optax's combinators and wrappers, Flax NNX's
 `Optimizer`, Flax's `TrainState`, and a checkpoint round trip."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +170,75 @@ def test_flax_train_state_applies_gradxform_updates(case):
         state.params,
         expected_params,
     )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _EqxDense:
+    """An Equinox-style module: a dataclass pytree whose unused fields are None."""
+
+    kernel: jax.Array
+    bias: jax.Array
+    activation_state: None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _EqxTiny:
+    hidden: _EqxDense
+    out: _EqxDense
+    dropout: None = None
+
+
+def _guarded_chain():
+    inner = gx.chain(gx.clip_by_global_norm(1.0), gx.zclip(), gx.clip_by_leaf_norm(0.5),
+                     gx.sgd(0.1))  # fmt: skip
+    return gx.health(gx.skip_if(inner))
+
+
+def _half_square(tree):
+    """0.5 ||params||^2, whose gradient is the params: the same under every client."""
+    return 0.5 * sum(jnp.sum(x**2) for x in jax.tree.leaves(tree))
+
+
+def _read_plain(params, steps):
+    tx = _guarded_chain()
+    state = tx.init(params)
+    for _ in range(steps):
+        updates, state = tx.update(jax.grad(_half_square)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    return gx.read_health(state)
+
+
+def _read_nnx(model, steps):
+    optimizer = nnx.Optimizer(model, _guarded_chain(), wrt=nnx.Param)
+    loss = lambda m: _half_square(nnx.state(m, nnx.Param))
+    for _ in range(steps):
+        optimizer.update(model, nnx.grad(loss)(model))
+    return gx.read_health(optimizer.opt_state)
+
+
+def _read_train_state(params, steps):
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=_guarded_chain())
+    for _ in range(steps):
+        state = state.apply_gradients(grads=jax.grad(_half_square)(state.params))
+    return gx.read_health(state.opt_state)
+
+
+def test_read_health_names_are_identical_under_every_client():
+    model = Tiny(nnx.Rngs(0))
+    plain = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    eqx = _EqxTiny(*(_EqxDense(plain[k]["kernel"], plain[k]["bias"]) for k in ("hidden", "out")))
+    read = {
+        "plain": _read_plain(plain, 3),
+        "nnx.Optimizer": _read_nnx(model, 3),
+        "TrainState": _read_train_state(plain, 3),
+        "equinox-style": _read_plain(eqx, 3),
+    }
+    expected = read["plain"]
+    documented = {"clip/norm", "clip/threshold", "zclip/norm", "skip/skipped", "health/count"}
+    assert documented | {"clip_1/norm/hidden/kernel", "health/grad_norm/out/bias"} <= set(expected)
+    for client, metrics in read.items():
+        assert metrics.keys() == expected.keys(), client  # (the order follows each tree's)
+        values = [metrics[k] for k in expected]
+        np.testing.assert_allclose(values, list(expected.values()), rtol=1e-6, err_msg=client)

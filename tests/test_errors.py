@@ -271,7 +271,7 @@ def test_agc_axis_out_of_range_is_refused_and_empty_units_are_fine():
     tx = gx.adaptive_grad_clip(0.1, axis=2)
     p = {"w": jnp.ones((4, 9000))}
     with pytest.raises(
-        ValueError, match=r"`axis` 2 is out of range for a leaf of shape \(4, 9000\)"
+        ValueError, match=r"`axis` 2 is out of range for leaf 'w' of shape \(4, 9000\)"
     ):
         tx.update(p, tx.init(p), p)
     empty = {"w": jnp.ones((0, 100, 100))}
