@@ -78,11 +78,13 @@ def test_absolute_bound_flags_explosion_from_the_first_step():
     assert bool(state.exploding)
 
 
-def test_nonfinite_values_are_counted_and_flagged():
+def test_nonfinite_leaves_are_counted_and_flagged():
     g = noisy(0)
     g["layer1"]["w"] = g["layer1"]["w"].at[0].set(jnp.nan).at[1].set(jnp.inf)
+    g["layer0"]["w"] = g["layer0"]["w"].at[0, 0].set(jnp.inf)
     state = feed(gx.health(), [g], PARAMS)
-    assert int(state.nonfinite) == 2 and bool(state.exploding)
+    assert int(state.nonfinite) == 2 and bool(state.exploding)  # two leaves hold NaN/inf
+    assert not np.isfinite(state.per_leaf("leaf_norms")["layer1"]["w"])
 
 
 def test_vanishing_flagged_after_patience_and_not_before():
@@ -244,9 +246,9 @@ def test_one_pass_statistics_of_a_large_leaf_match_float64(size):
     ratio = 0.5 * np.linalg.norm(g64) / np.linalg.norm(p64)
     np.testing.assert_allclose(s.per_leaf("update_ratios")["w"], ratio, rtol=1e-6)
     np.testing.assert_allclose(s.zero_fraction, 100 / size, rtol=1e-6)
-    g[5], g[-1] = np.nan, -np.inf  # one in the blocks, one in the tail
+    g[5], g[-1] = np.nan, -np.inf  # the first and the last of the leaf
     _, s = tx.update({"w": jnp.asarray(g)}, tx.init({"w": p}), {"w": jnp.asarray(p)})
-    assert int(s.nonfinite) == 2
+    assert int(s.nonfinite) == 1  # the one leaf holding them
 
 
 def test_a_small_wobble_after_a_very_steady_history_is_not_an_explosion():
