@@ -1,6 +1,6 @@
 """Stability suite: healthy and unstable training runs on which `gx.stable` is judged.
 
-    python benchmarks/stability.py                  # 5 seeds, every family (about 15 minutes)
+    python benchmarks/stability.py                  # 4 seeds, every family (15-25 minutes)
     python benchmarks/stability.py --quick          # 2 seeds, shorter runs, every family
     python benchmarks/stability.py --families mlp gpt --seeds 3 --out /tmp/results
 
@@ -22,7 +22,8 @@ Measured per (setting, row):
               the unigram entropy of the training text)
   quality     final test accuracy, or held-out loss (nats per character) for `gpt`
   gap         paired difference to the same seed's healthy `optax` run of the setting named
-              as reference: accuracy points, or percent of the loss (positive = worse)
+              as reference: accuracy points, or percent of the loss (positive = worse);
+              `within_1`: no failure and a mean gap of at most 1
   spikes      loss spikes per run on steps without injection: loss > 2x the median of the
               previous 20 steps and > 0.5 above it
   guard rates per guard, the fraction of steps on which it acted: every field named
@@ -66,7 +67,7 @@ ROWS = ("optax", "gx.stable")
 CORRUPT_FACTOR = 1000.0
 SPIKE_WINDOW, SPIKE_RATIO, SPIKE_MARGIN = 20, 2.0, 0.5
 BATCH = {"gpt": 16}  # batch size per family; 64 otherwise
-STEPS: dict[str, int] = {}  # steps per family at full size; 600 otherwise
+STEPS = {"gpt": 450}  # steps per family at full size; 600 otherwise
 
 
 # ----------------------------------------------------------------------------- rows
@@ -331,7 +332,7 @@ def summarise(setting: Setting, row: str, o: dict, ref: dict | None, task) -> di
     loss = _forward_fill(o["loss"].T, o["injected"])
     guards = sorted(k for k in o if "/" in k)
     g = gap(o["quality"], ref["quality"], task.metric) if ref is not None else None
-    within = None if g is None else bool(np.all(g <= 1.0) and not failed.any())
+    within = None if g is None else bool(np.mean(g) <= 1.0 and not failed.any())
     return {
         "family": setting.family, "setting": setting.name, "kind": setting.kind,
         "split": setting.split, "row": row, "reference": setting.reference or setting.name,
@@ -364,7 +365,7 @@ def do_no_harm(setting: Setting, plain: dict, stable: dict, metric: str) -> dict
 
 @dataclass
 class Options:
-    seeds: int = 5
+    seeds: int = 4
     steps_scale: float = 1.0  # times the family's `STEPS`
     families: Sequence[str] | None = None  # None: all
     settings: Sequence[Setting] | None = None  # None: `SETTINGS`
@@ -411,7 +412,7 @@ def summary(table: list[dict], harm: list[dict]) -> dict[str, Any]:
         mine = [t for t in table if t["split"] == split and t["row"] == "gx.stable"]
         unstable = [t for t in mine if t["kind"] != "healthy"]
         healthy = [t for t in mine if t["kind"] == "healthy"]
-        rates = [(r, t["family"] + "/" + t["setting"], g) for t in healthy
+        rates = [(r, g, t["family"] + "/" + t["setting"]) for t in healthy
                  for g, r in t["guard_rates"].items()]  # fmt: skip
         plain = [t for t in table if t["split"] == split and t["row"] == "optax"]
         out[split] = {
@@ -523,7 +524,7 @@ def markdown(result: dict) -> str:
              f"{v['optax_failed_runs']}/{v['runs']}",
              f"{v['stable_within_1']}/{v['unstable_settings']}",
              "-" if v["max_healthy_guard_rate"] is None else
-             "{:.1%} ({} at {})".format(*v["max_healthy_guard_rate"]),
+             "{:.1%} ({} on {})".format(*v["max_healthy_guard_rate"]),
              ", ".join(v["healthy_harm_beyond_noise"]) or "none"]
             for split, v in s.items()]  # fmt: skip
     harm = [[h["split"], f"{h['family']}/{h['setting']}", _fmt(h["stable_worse_by"], "+.2f"),
@@ -590,7 +591,7 @@ def plot_summary(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=None, help="default 5 (--quick: 2)")
+    parser.add_argument("--seeds", type=int, default=None, help="default 4 (--quick: 2)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 1/3 of the steps")
     parser.add_argument("--families", nargs="+", default=None, help="default: all six")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
