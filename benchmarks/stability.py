@@ -532,7 +532,8 @@ def markdown(result: dict) -> str:
     timing = [[f, t["setting"], f"{t['optax_ms']:.2f}", f"{t['stable_ms']:.2f}",
                f"{t['ratio']:.2f}"] for f, t in result["step_time"].items()]  # fmt: skip
     return "\n\n".join([
-        f"# Stability suite\n\n{m['cpu']} ({m['cpu_count']} cores), load {m['load_average']}, "
+        f"# Stability suite\n\n{m['cpu']} ({m['cpu_count']} cores), load "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average'])} at the end, "
         f"gradxform {m['gradxform_commit']}, {result['options']['seeds']} seeds, "
         f"{result['runtime_s']} s.",
         "## gx.stable per split\n\n" + _md(
@@ -579,7 +580,7 @@ def plot_summary(result: dict, path: Path) -> None:
     top = [max(t["guard_rates"].values(), default=0.0) for t in stable]
     right.barh([y[f"{t['family']}/{t['setting']}"] for t in stable], top, color="tab:orange")
     right.axvline(0.01, color="k", lw=0.8, ls="--")
-    right.set_xlabel("gx.stable: largest guard rate (fraction of steps)")
+    right.set_xlabel("gx.stable: largest guard rate")
     left.set_yticks(range(len(names)), [label[n] for n in names], fontsize=8)
     left.invert_yaxis()
     fig.suptitle("Stability suite (* = held out)", fontsize=10)
