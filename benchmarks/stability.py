@@ -113,7 +113,9 @@ def guard_flags(state: Any) -> dict[str, jax.Array]:
 
     Generic by field name: every leaf of every telemetry record whose field is named `clipped`
     or `skipped` (a bool, or a per-leaf bool vector: any), so a guard with new record names is
-    measured without changing this function. Works on traced states (inside the scan)."""
+    measured without changing this function. Works on traced states (inside the scan).
+    A guard inside the state that `skip_if` leaves untouched on a skipped step keeps its last
+    record there, so its flag repeats the previous step's on skipped steps."""
     flags: dict[str, jax.Array] = {}
     for name, record in gx.telemetry_records(state):
         for path, leaf in jax.tree_util.tree_leaves_with_path(record):
