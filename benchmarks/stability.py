@@ -1,57 +1,52 @@
-"""Stability benchmark: real unstable runs, every remedy beside plain optax, telemetry judged.
+"""Stability suite: healthy and unstable training runs on which `gx.stable` is judged.
 
-    python benchmarks/stability.py                        # 10 seeds, all settings (minutes)
-    python benchmarks/stability.py --quick                # 3 seeds, shorter runs
-    python benchmarks/stability.py --seeds 5 --out benchmarks/results
-    python benchmarks/stability.py --proposed             # candidate defaults: *_proposed.*
+    python benchmarks/stability.py                  # 4 seeds, every family (15-25 minutes)
+    python benchmarks/stability.py --quick          # 2 seeds, shorter runs, every family
+    python benchmarks/stability.py --families mlp gpt --seeds 3 --out /tmp/results
 
-Data: scikit-learn's 8x8 digits as the example loads them (`examples/data.py`), 1437 train / 360
-test (fixed permutation), standardised; batches in the example's order (`BatchOrder`, batch 64).
-Model: a ReLU MLP without normalisation, He init (times `init_scale`): a pure function, so that
-runs stack as lanes (the example's NNX modules do not). Settings:
+Six architecture families (`benchmarks/suite_models.py`: ReLU MLP, GroupNorm CNN, LSTM,
+character GPT on standard-library source, LoRA fine-tuning of a model pretrained here, scanned
+residual layers), each with healthy settings and unstable ones of six kinds: learning rate x10
+or more (SGD and Adam), no warm-up, corrupt batches (inputs or loss x1000), NaN batches,
+exploding recurrent gradients, float16 overflow. A fixed table (`SETTINGS`) marks each setting
+`tune` (defaults may be chosen on it) or `held-out` (reported only); every family is in both.
 
-  healthy   the reference: SGD momentum 0.9 at lr 0.01, and Adam at lr 1e-3
-  explode   16x64 MLP, SGD momentum 0.9 at lr 0.05 and 0.1 (1500 steps)
-  inject    gradient x100 (SGD lr 0.01) / x1000 (Adam lr 1e-3) every 250 steps; NaN gradients
-            every 300 steps (SGD and Adam)
-  vanish    20x50 MLP at 0.5x and 0.7x He scale, SGD momentum lr 0.01 (2000 steps)
+Two rows per setting, with PAIRED seeds (same init, same batch order): `optax`, the plain
+optimizer, and `gx.stable(optax)` with default arguments around the same optimizer object.
+Both get `update(grads, state, params, loss=loss)`. The seeds of one (setting, row) train as
+lanes of one jitted, vmapped `lax.scan`: one compile each.
 
-Rows: plain optax, then each remedy wrapped around the same optax optimizer (thresholds at their
-usual defaults, not tuned here), then `gx.stable(optimizer)` with default arguments; the vanishing
-settings add optimizers that rescale per coordinate (Adam, RMSprop). Every row runs with
-`gx.health` in its chain (`gx.stable` has its own), and its flags are read per step from the
-optimizer state inside the scan.
+Measured per (setting, row):
+  fail        seeds with a non-finite loss on a step without injection, non-finite params, or
+              a final quality past the family's bound (accuracy < 0.2; held-out loss above
+              the unigram entropy of the training text)
+  quality     final test accuracy, or held-out loss (nats per character) for `gpt`
+  gap         paired difference to the same seed's healthy `optax` run of the setting named
+              as reference: accuracy points, or percent of the loss (positive = worse);
+              `within_1`: no failure and a mean gap of at most 1
+  spikes      loss spikes per run on steps without injection: loss > 2x the median of the
+              previous 20 steps and > 0.5 above it
+  guard rates per guard, the fraction of steps on which it acted: every field named
+              `clipped` or `skipped` of every record in `gx.telemetry_records(state)`, read
+              inside the scan at every step (any entry true), named `<record>/<field>`
+  step time   per family, one jitted training step of one run, `optax` vs `gx.stable`,
+              alternating, medians and their ratio
+Healthy settings also report the paired difference stable - optax and the seed noise (std of
+optax's quality across seeds).
 
-All (row, setting, seed) runs of one architecture and optimizer family train as lanes of one
-jitted `lax.scan` over steps: parameters are stacked along a lane axis, the forward and backward
-pass is vmapped over it, and each row applies its own (vmapped) transform to its contiguous
-slice of lanes. One compile per group; the per-lane hyperparameters (learning rate, init scale,
-injections) are traced values.
-
-A run fails on any non-finite loss or a final (full training set) loss above 2.0. Reported per
-row: fail fraction, median test accuracy, loss spikes per run (minibatch loss > 2x the median of
-the previous 20 and > 0.5 above it), median over runs of the largest gradient norm (of the
-model's own gradient, before any injection), and from the telemetry: for every run that went
-non-finite, whether `exploding` was flagged strictly before and by how many steps; flags per run
-(on the healthy settings these are false alarms); injected spikes flagged; the first step
-flagged `vanishing`; the fraction of steps clipped and skipped.
-
-It prints a table and writes `stability.json`, `stability.md` (the table in Markdown),
-`stability.png` (fail fraction and accuracy per row and setting) and `stability_health_*.png`
-(`plot_health` of single runs) under `--out`.
+Writes `stability.json`, `stability.md` and `stability.png` under `--out`, prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,360 +60,225 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `example
 
 import gradxform as gx
 from benchmarks import machine
-from examples import data as example_data
-from gradxform.plots import plot_health
+from benchmarks.suite_models import SETTINGS, Model, Setting, cross_entropy
 
-FAIL_LOSS = 2.0
+GUARD_FIELDS = ("clipped", "skipped")
+ROWS = ("optax", "gx.stable")
+CORRUPT_FACTOR = 1000.0
 SPIKE_WINDOW, SPIKE_RATIO, SPIKE_MARGIN = 20, 2.0, 0.5
-VANISH_BY = 100  # goal: setting 3 flagged vanishing within this many steps
-PATIENCE = 20  # `health`'s default `patience`, for the vanishing-trigger statistics
-
-# ----------------------------------------------------------------------------- data
+BATCH = {"gpt": 16}  # batch size per family; 64 otherwise
+STEPS = {"gpt": 450}  # steps per family at full size; 600 otherwise
 
 
-@dataclass(frozen=True)
-class Digits:
-    x_train: np.ndarray  # float32 (1437, 64), standardised with the training mean/std
-    y_train: np.ndarray  # int32 (1437,)
-    x_test: np.ndarray  # float32 (360, 64)
-    y_test: np.ndarray  # int32 (360,)
+# ----------------------------------------------------------------------------- rows
 
 
-def load_digits() -> Digits:
-    """scikit-learn's bundled digits as the example loads them (`examples/data.py`: the same
-    fixed split and standardisation), flattened to 64 features."""
-    ds = example_data.load("digits")
-    flat = lambda a: a.reshape(len(a), -1)
-    return Digits(flat(ds.x_train), ds.y_train, flat(ds.x_test), ds.y_test)
+def schedule(peak: jax.Array, warmup: jax.Array, decay: jax.Array, steps: int):
+    """Learning rate at step `count`: linear warm-up from 0 over `warmup` steps, then (if
+    `decay`) cosine decay to `peak / 10` at `steps`, as `optax.warmup_cosine_decay_schedule`.
+    Arguments may be traced (one value per lane)."""
+
+    def lr(count: jax.Array) -> jax.Array:
+        c = count.astype(jnp.float32)
+        warm = jnp.minimum(1.0, c / jnp.maximum(warmup, 1.0))
+        frac = jnp.clip((c - warmup) / jnp.maximum(steps - warmup, 1.0), 0.0, 1.0)
+        cosine = 0.1 + 0.45 * (1.0 + jnp.cos(jnp.pi * frac))
+        return peak * jnp.where(warmup > 0, warm, 1.0) * jnp.where(decay, cosine, 1.0)
+
+    return lr
 
 
-def batch_indices(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
-    """int32 (steps, batch): the example's `BatchOrder`, a fresh permutation per epoch."""
-    order = example_data.BatchOrder(n, batch, seed)
-    return np.stack([order.indices(s) for s in range(steps)]).astype(np.int32)
-
-
-# ----------------------------------------------------------------------------- model
-
-ACTIVATIONS: dict[str, Callable] = {"relu": jax.nn.relu, "tanh": jnp.tanh, "gelu": jax.nn.gelu}
-
-
-@dataclass(frozen=True)
-class Arch:
-    """A plain MLP (`depth` hidden layers of `width`, no normalisation, He-normal init), or with
-    `kind="rnn"` an Elman RNN reading the image row by row (8 steps of 8 pixels, `width` units).
-
-    Leaves are `layer_00` (input) ... in network order; `init_scale` multiplies every kernel.
-    """
-
-    depth: int = 16
-    width: int = 64
-    activation: str = "relu"
-    kind: str = "mlp"
-
-    def init(self, key: jax.Array, scale: jax.Array) -> dict:
-        if self.kind == "rnn":  # input, recurrent, output; LeCun-normal kernels
-            dims = [(8, self.width), (self.width, self.width), (self.width, 10)]
-        else:
-            widths = [64] + [self.width] * self.depth + [10]
-            dims = list(itertools.pairwise(widths))
-        keys = jax.random.split(key, len(dims))
-        gain = 1.0 if self.kind == "rnn" else 2.0
-        return {
-            f"layer_{i:02d}": {
-                "w": scale * jnp.sqrt(gain / a) * jax.random.normal(k, (a, b), jnp.float32),
-                "b": jnp.zeros([b], jnp.float32),
-            }
-            for i, (k, (a, b)) in enumerate(zip(keys, dims, strict=True))
-        }
-
-    def apply(self, params: dict, x: jax.Array) -> jax.Array:
-        act = ACTIVATIONS[self.activation]
-        names = sorted(params)
-        if self.kind == "rnn":
-            inp, rec, out = (params[n] for n in names)
-            rows = x.reshape(x.shape[0], 8, 8)
-            h = jnp.zeros((x.shape[0], self.width), x.dtype)
-            for t in range(8):
-                h = act(rows[:, t] @ inp["w"] + h @ rec["w"] + (inp["b"] + rec["b"])[None])
-            return h @ out["w"] + out["b"][None]
-        for name in names[:-1]:
-            x = act(x @ params[name]["w"] + params[name]["b"][None])
-        return x @ params[names[-1]]["w"] + params[names[-1]]["b"][None]
-
-    def loss(self, params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-        return optax.softmax_cross_entropy_with_integer_labels(self.apply(params, x), y).mean()
-
-    def describe(self) -> str:
-        if self.kind == "rnn":
-            return f"{self.width}-unit {self.activation} RNN"
-        return f"{self.depth}x{self.width} {self.activation} MLP"
-
-
-# ----------------------------------------------------------------------------- settings and rows
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    group: str  # healthy | explode | inject | vanish
-    family: str  # sgd | adam: the optimizer every row wraps
-    lr: float
-    arch: Arch = Arch()
-    steps: int = 1500
-    init_scale: float = 1.0  # times He scale
-    spike: float = 1.0  # gradient multiplier on injection steps
-    spike_every: int = 0  # 0: none; else steps 250, 500, ... (1-based)
-    nan_every: int = 0  # 0: none; else the whole gradient is NaN on steps 300, 600, ...
-
-
-def settings(steps: int = 1500, vanish_steps: int = 2000) -> list[Setting]:
-    deep = Arch(20, 50)
-    return [
-        Setting("healthy SGD lr 0.01", "healthy", "sgd", 0.01, steps=steps),
-        Setting("healthy Adam lr 1e-3", "healthy", "adam", 1e-3, steps=steps),
-        Setting("1a SGD lr 0.05", "explode", "sgd", 0.05, steps=steps),
-        Setting("1b SGD lr 0.1", "explode", "sgd", 0.1, steps=steps),
-        Setting("2a SGD lr 0.01, g x100 /250", "inject", "sgd", 0.01, steps=steps, spike=100.0,
-                spike_every=250),
-        Setting("2b Adam lr 1e-3, g x1000 /250", "inject", "adam", 1e-3, steps=steps, spike=1000.0,
-                spike_every=250),
-        Setting("2c SGD lr 0.01, NaN /300", "inject", "sgd", 0.01, steps=steps, nan_every=300),
-        Setting("2d Adam lr 1e-3, NaN /300", "inject", "adam", 1e-3, steps=steps, nan_every=300),
-        Setting("3a 20x50 at 0.5x He, SGD lr 0.01", "vanish", "sgd", 0.01, deep, vanish_steps, 0.5),
-        Setting("3b 20x50 at 0.7x He, SGD lr 0.01", "vanish", "sgd", 0.01, deep, vanish_steps, 0.7),
-    ]  # fmt: skip
-
-
-def base_optimizer(family: str, lr: jax.Array) -> optax.GradientTransformation:
-    if family == "sgd":
-        return optax.sgd(lr, momentum=0.9)
-    return optax.adam(lr)
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    build: Callable[[optax.GradientTransformation], optax.GradientTransformation]
-    groups: tuple[str, ...] = ("explode", "inject")  # the settings it runs on
-    has_health: bool = False  # the transform holds its own `gx.health` (gx.stable)
-
-
-def rows(stable_kwargs: dict | None = None) -> list[Row]:
-    """Plain optax, each remedy around it (usual defaults), `gx.stable`, per-coordinate
-    optimizers; each runs on the setting groups it names."""
-    every = ("healthy", "explode", "inject", "vanish")
-    stable_kwargs = stable_kwargs or {}
-    return [
-        Row("optax", lambda opt: opt, ("healthy", "explode", "inject", "vanish")),
-        Row("clip_by_global_norm(1)", lambda opt: gx.chain(gx.clip_by_global_norm(1.0), opt)),
-        Row("clip_by_leaf_norm(1)", lambda opt: gx.chain(gx.clip_by_leaf_norm(1.0), opt)),
-        Row("adaptive_grad_clip(0.01)", lambda opt: gx.chain(gx.adaptive_grad_clip(0.01), opt),
-            ("explode", "inject", "vanish")),
-        Row("autoclip()", lambda opt: gx.chain(gx.autoclip(), opt)),
-        Row("zclip()", lambda opt: gx.chain(gx.zclip(), opt)),
-        Row("skip_if()", lambda opt: gx.skip_if(opt)),
-        Row("gx.stable()", lambda opt: gx.stable(opt, **stable_kwargs), every, True),
-        Row("optax.adam(1e-3)", lambda opt: optax.adam(1e-3), ("vanish",)),
-        Row("optax.rmsprop(1e-3)", lambda opt: optax.rmsprop(1e-3), ("vanish",)),
-        Row("gx.stable(adam(1e-3))", lambda opt: gx.stable(optax.adam(1e-3), **stable_kwargs),
-            ("vanish",), True),
-    ]  # fmt: skip
-
-
-# Candidate defaults, evaluated by passing explicit arguments (`--proposed`); the evidence for
-# each is in docs/benchmarks-stability.md.
-PROPOSED_HEALTH = {
-    "z_threshold": 6.0,
-    "decay": 0.99,
-    "baseline_decay": 0.999,
-    "vanishing_fraction": 1e-3,
-}
-
-
-def proposed_stable_rows(health_kwargs: dict) -> list[Row]:
-    """Two candidates for `gx.stable`'s defaults, built from explicit arguments:
-
-    A: today's chain plus `adaptive_grad_clip(0.01)` after the optimizer (each unit's update is
-       at most 1% of its weights' norm: a scale-free trust-ratio bound on the step itself);
-    B: `zclip` keeps its own absolute cap (`max_norm=1.0`, the issue's ZClip default).
-    """
-
-    def build(clipped_opt):
-        def make(opt):
-            guarded = gx.skip_if(clipped_opt(opt), norm_z=6.0, max_norm_ratio=100.0)
-            return gx.health(guarded, **health_kwargs)
-
-        return make
-
-    groups = ("healthy", "explode", "inject", "vanish")
-    a = lambda opt: gx.chain(gx.zclip(max_norm=None), opt, gx.adaptive_grad_clip(0.01))
-    b = lambda opt: gx.chain(gx.zclip(max_norm=1.0), opt)
-    return [
-        Row("proposed A: stable + update AGC", build(a), groups, True),
-        Row("proposed B: stable, zclip cap 1", build(b), groups, True),
-    ]
-
-
-# ---------------------------------------------------------------------------- telemetry in the scan
-
-
-def records(state: Any) -> tuple:
-    """The telemetry records of `state` (`gx.telemetry_records`), history buffers emptied:
-    small enough to emit per step of the scan, and `gx.read_health` reads the tuple."""
-    history = ("norms", "losses")
-    return tuple(
-        record._replace(**{f: jnp.zeros([0]) for f in history if f in record._fields})
-        for _, record in gx.telemetry_records(state)
-    )
-
-
-def step_telemetry(recs: tuple, params: dict) -> dict[str, jax.Array]:
-    """Per-step scalars for the table, from the records of one lane (and its params, for the
-    statistics the vanishing flag thresholds: the smallest leaf RMS relative to the largest,
-    and the smallest update ratio among non-zero leaves)."""
-    health = next(r for r in recs if isinstance(r, gx.HealthState))
-    p_leaves = jax.tree.leaves(params)
-    rms = health.leaf_norms / jnp.sqrt(jnp.array([max(p.size, 1) for p in p_leaves], jnp.float32))
-    ratios = health.update_ratios
-    nonzero = jnp.stack([gx.global_norm(p) > 0 for p in p_leaves])
-    out = {
-        "exploding": health.exploding,
-        "vanishing": health.vanishing,
-        "z": health.z_score,
-        "growth": health.growth,
-        "min_rms_fraction": jnp.min(rms) / jnp.max(rms),
-        "min_ratio": jnp.min(jnp.where(nonzero, ratios, jnp.inf)),
-        "ratio": health.per_leaf("update_ratios")["layer_00"]["w"],  # the first layer's kernel
-        "skipped": jnp.zeros([], bool),
-        "clipped": jnp.zeros([], bool),
+def base_optimizer(kind: str, lr) -> optax.GradientTransformationExtraArgs:
+    """The plain optax optimizer (`sgd` with momentum 0.9, `adam`, `adamw` with weight decay
+    0.01) at learning rate (or schedule) `lr`, accepting and ignoring `loss=`."""
+    make = {
+        "sgd": lambda: optax.sgd(lr, momentum=0.9),
+        "adam": lambda: optax.adam(lr),
+        "adamw": lambda: optax.adamw(lr, weight_decay=0.01),
     }
-    for r in recs:
-        if isinstance(r, gx.SkipIfState):
-            out["skipped"] |= r.skipped
-        elif isinstance(getattr(r, "record", None), gx.ClipRecord):
-            out["clipped"] |= jnp.any(r.record.clipped)
-    return out
+    return optax.with_extra_args_support(make[kind]())
+
+
+def build_row(row: str, opt: optax.GradientTransformationExtraArgs):
+    """`optax`: the optimizer itself; `gx.stable`: `gx.stable(opt)` with default arguments."""
+    return opt if row == "optax" else gx.stable(opt)
+
+
+def _field_name(key: Any) -> str | None:
+    return getattr(key, "name", getattr(key, "key", None))
+
+
+def guard_flags(state: Any) -> dict[str, jax.Array]:
+    """Whether each guard in `state` acted on its last step: `{"<record>/<field>": bool}`.
+
+    Generic by field name: every leaf of every telemetry record whose field is named `clipped`
+    or `skipped` (a bool, or a per-leaf bool vector: any), so a guard with new record names is
+    measured without changing this function. Works on traced states (inside the scan).
+    A guard inside the state that `skip_if` leaves untouched on a skipped step keeps its last
+    record there, so its flag repeats the previous step's on skipped steps."""
+    flags: dict[str, jax.Array] = {}
+    for name, record in gx.telemetry_records(state):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(record):
+            field = _field_name(path[-1]) if path else None
+            if field in GUARD_FIELDS:
+                key = f"{name}/{field}"
+                flags[key] = flags.get(key, jnp.zeros([], bool)) | jnp.any(leaf)
+    return flags
 
 
 # ----------------------------------------------------------------------------- training
 
 
-@dataclass(frozen=True)
-class Group:
-    """Runs trained together (same architecture, optimizer family and length): each row with
-    the settings it applies to."""
+def value_and_grad(model: Model, setting: Setting, params, x, y, mult):
+    """The batch loss (times `mult`: NaN or a spike on injected steps) and its gradient.
 
-    arch: Arch
-    family: str
-    steps: int
-    runs: tuple[tuple[Row, tuple[Setting, ...]], ...]
+    With `fp16_scale` (mixed precision with a fixed loss scale): forward and backward in
+    float16 (params and inputs cast), the loss in float32 times the scale, the gradient
+    unscaled in float32; cotangents above float16's 65504 overflow to inf."""
+    if not setting.fp16_scale:
+        return jax.value_and_grad(lambda p: model.loss(p, x, y) * mult)(params)
+    half = lambda t: jax.tree.map(lambda a: a.astype(jnp.float16), t)
+    x = half(x) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    def scaled(p):
+        logits = model.apply(half(p), x).astype(jnp.float32)
+        return cross_entropy(logits, y) * mult * setting.fp16_scale
+
+    loss, grads = jax.value_and_grad(scaled)(params)
+    return loss / setting.fp16_scale, jax.tree.map(lambda g: g / setting.fp16_scale, grads)
 
 
-def group_runs(sets: Sequence[Setting], all_rows: Sequence[Row]) -> list[Group]:
-    groups: dict[tuple, list[Setting]] = {}
-    for s in sets:
-        groups.setdefault((s.arch, s.family, s.steps), []).append(s)
-    out = []
-    for (arch, family, steps), members in groups.items():
-        runs = []
-        for row in all_rows:
-            mine = tuple(s for s in members if s.group in row.groups)
-            if mine:
-                runs.append((row, mine))
-        out.append(Group(arch, family, steps, tuple(runs)))
-    return out
+INJECT_MODES = {"nan": 1, "inputs": 2, "loss": 3}  # 0: nothing injected
+
+
+def injections(setting: Setting, steps: int) -> np.ndarray:
+    """bool (steps,): the steps on which the batch is corrupted or NaN."""
+    hit = np.zeros(steps, bool)
+    if setting.kind in ("corrupt", "nan") and setting.every:
+        hit[setting.every - 1 :: setting.every] = True
+    return hit
+
+
+def group_key(setting: Setting) -> tuple:
+    """Settings that differ only in per-lane values (learning rate, schedule, injections)
+    train in one scan; the model, optimizer kind and float16 path are compiled in."""
+    return setting.family, setting.model, setting.optimizer, setting.fp16_scale
+
+
+def lane_values(sets: Sequence[Setting], seeds: int, steps: int) -> dict[str, jax.Array]:
+    """Per-lane hyperparameters, lanes ordered (setting, seed)."""
+
+    def mode(s: Setting) -> int:
+        if s.kind == "nan":
+            return INJECT_MODES["nan"]
+        return INJECT_MODES[s.corrupt] if s.kind == "corrupt" else 0
+
+    lanes = lambda f, dtype: jnp.asarray(np.repeat([f(s) for s in sets], seeds), dtype)
+    return {
+        "lr": lanes(lambda s: s.lr, jnp.float32),
+        "warmup": lanes(lambda s: round(s.warmup * steps), jnp.float32),
+        "decay": lanes(lambda s: s.schedule, bool),
+        "every": lanes(lambda s: s.every if mode(s) else 0, jnp.int32),
+        "mode": lanes(mode, jnp.int32),
+    }
+
+
+def batch_indices(n: int, batch: int, steps: int, seeds: int) -> np.ndarray:
+    """int32 (steps, seeds, batch): `examples/data.py`'s `BatchOrder` per seed."""
+    from examples.data import BatchOrder
+
+    orders = [BatchOrder(n, batch, seed) for seed in range(seeds)]
+    return np.stack([[o.indices(t) for o in orders] for t in range(steps)]).astype(np.int32)
+
+
+def _inject(x, t, hp):
+    """The batch's inputs (x1000 on a corrupt step) and loss multiplier (NaN or x1000)."""
+    hit = (hp["every"] > 0) & ((t + 1) % jnp.maximum(hp["every"], 1) == 0)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        x = jnp.where(hit & (hp["mode"] == INJECT_MODES["inputs"]), x * CORRUPT_FACTOR, x)
+    mult = jnp.where(hit & (hp["mode"] == INJECT_MODES["loss"]), CORRUPT_FACTOR, 1.0)
+    return x, jnp.where(hit & (hp["mode"] == INJECT_MODES["nan"]), jnp.nan, mult)
 
 
 def train_group(
-    group: Group, data: Digits, seeds: int, health_kwargs: dict, batch: int = 64
-) -> tuple[dict[str, np.ndarray], dict[tuple[str, str], slice], list]:
-    """Train every (row, setting, seed) of `group` as one lane of a vmapped scan.
+    sets: Sequence[Setting], row: str, seeds: int, steps: int
+) -> list[dict[str, np.ndarray]]:
+    """Train `seeds` runs of each setting of one group (same `group_key`) in one row as lanes
+    of one jitted scan. Per setting: per-step `loss` and one array per guard `(steps, seeds)`,
+    `injected` `(steps,)`, and per seed the final `quality` and whether params are `finite`."""
+    first = sets[0]
+    model = first.build()
+    task = model.task
+    x_train, y_train = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
+    x_test, y_test = jnp.asarray(task.x_test), jnp.asarray(task.y_test)
+    idx = batch_indices(len(task.y_train), BATCH.get(first.family, 64), steps, seeds)
+    seed_of = np.tile(np.arange(seeds), len(sets))
+    make = lambda hp: build_row(
+        row, base_optimizer(first.optimizer, schedule(hp["lr"], hp["warmup"], hp["decay"], steps))
+    )
 
-    Returns per-step arrays `(steps, lanes)` and final metrics `(lanes,)`, the lanes of each
-    `(row name, setting name)`, and per row the per-step records of seed 0 of its settings.
-    """
-    arch = group.arch
-    lanes: list[tuple[int, Setting, int]] = []  # (row index, setting, seed), rows contiguous
-    where: dict[tuple[str, str], slice] = {}
-    spans = []
-    for r, (row, sets) in enumerate(group.runs):
-        first = len(lanes)
-        for s in sets:
-            where[row.name, s.name] = slice(len(lanes), len(lanes) + seeds)
-            lanes += [(r, s, seed) for seed in range(seeds)]
-        spans.append((first, len(lanes)))
-    per_lane = lambda attr, dtype: jnp.asarray([getattr(s, attr) for _, s, _ in lanes], dtype)
-    lr, scale = per_lane("lr", jnp.float32), per_lane("init_scale", jnp.float32)
-    spike, spike_every = per_lane("spike", jnp.float32), per_lane("spike_every", jnp.int32)
-    nan_every = per_lane("nan_every", jnp.int32)
-    seed_of = jnp.asarray([seed for _, _, seed in lanes], jnp.int32)
-    idx = np.stack([batch_indices(len(data.y_train), batch, group.steps, s) for s in range(seeds)])
-    idx = jnp.asarray(idx.transpose(1, 0, 2))  # (steps, seeds, batch)
-    keys = jax.random.split(jax.random.key(0), seeds)[seed_of]
-    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    n_lanes = len(lanes)
+    def one(params, state, ib, t, hp):
+        x, mult = _inject(x_train[ib], t, hp)
+        loss, grads = value_and_grad(model, first, params, x, y_train[ib], mult)
+        updates, state = make(hp).update(grads, state, params, loss=loss)
+        return optax.apply_updates(params, updates), state, loss, guard_flags(state)
 
-    def make(row: Row, lane_lr):
-        tx = row.build(base_optimizer(group.family, lane_lr))
-        return tx if row.has_health else gx.health(tx, **health_kwargs)
-
-    def run(keys, idx):
-        params = jax.vmap(arch.init)(keys, scale)
-        part = lambda tree, a, b: jax.tree.map(lambda x: x[a:b], tree)
-        states = tuple(
-            jax.vmap(lambda p, r, row=row: make(row, r).init(p))(part(params, a, b), lr[a:b])
-            for (row, _), (a, b) in zip(group.runs, spans, strict=True)
-        )
+    def run(keys, idx, hp):
+        params = jax.vmap(model.init)(keys)
+        state = jax.vmap(lambda p, h: make(h).init(p))(params, hp)
 
         def step(carry, xs):
-            params, states = carry
-            t, ib = xs
-            ib = ib[seed_of]  # (lanes, batch)
-            loss, grads = jax.vmap(jax.value_and_grad(arch.loss))(params, x_train[ib], y_train[ib])
-            raw_norm = jax.vmap(gx.global_norm)(grads)
-            at = lambda every: (every > 0) & ((t + 1) % jnp.maximum(every, 1) == 0)
-            factor = jnp.where(at(nan_every), jnp.nan, jnp.where(at(spike_every), spike, 1.0))
-            grads = jax.tree.map(
-                lambda g: g * factor.reshape((n_lanes,) + (1,) * (g.ndim - 1)), grads
-            )
-            new_params, new_states, tele, recs = [], [], [], []
-            for (row, _), (a, b), state in zip(group.runs, spans, states, strict=True):
+            ib, t = xs
+            params, state, loss, flags = jax.vmap(one, (0, 0, 0, None, 0))(*carry, ib, t, hp)
+            return (params, state), {"loss": loss, **flags}
 
-                def update(g, s, p, lane_lr, row=row):
-                    u, s = make(row, lane_lr).update(g, s, p)
-                    rec = records(s)
-                    return optax.apply_updates(p, u), s, step_telemetry(rec, p), rec
-
-                p, s, tel, rec = jax.vmap(update)(
-                    part(grads, a, b), state, part(params, a, b), lr[a:b]
-                )
-                new_params.append(p)
-                new_states.append(s)
-                tele.append(tel)
-                recs.append(jax.tree.map(lambda x: x[::seeds], rec))  # seed 0 of each setting
-            params = jax.tree.map(lambda *ps: jnp.concatenate(ps), *new_params)
-            tele = jax.tree.map(lambda *xs: jnp.concatenate(xs), *tele)
-            per_step = {"loss": loss, "raw_norm": raw_norm, "injected": factor != 1.0, **tele}
-            return (params, tuple(new_states)), (per_step, tuple(recs))
-
-        steps = jnp.arange(group.steps, dtype=jnp.int32)
-        (params, _), (per_step, recs) = jax.lax.scan(step, (params, states), (steps, idx))
-        evaluate = lambda x, y: jax.vmap(lambda p: _metrics(arch, p, x, y))(params)
-        train_loss, _ = evaluate(x_train, y_train)
-        _, test_acc = evaluate(jnp.asarray(data.x_test), jnp.asarray(data.y_test))
+        xs = (idx[:, seed_of], jnp.arange(steps))
+        (params, _), per_step = jax.lax.scan(step, (params, state), xs)
+        quality = jax.vmap(lambda p: model.quality(p, x_test, y_test))(params)
         finite = jax.vmap(lambda p: jnp.isfinite(gx.global_norm(p)))(params)
-        return per_step, {"train_loss": train_loss, "test_acc": test_acc, "finite": finite}, recs
+        return per_step, quality, finite
 
-    per_step, final, recs = jax.jit(run)(keys, idx)
-    out = {k: np.asarray(v) for k, v in {**per_step, **final}.items()}
-    return out, where, recs
+    keys = jax.random.split(jax.random.key(0, impl="rbg"), seeds)[seed_of]
+    per_step, quality, finite = jax.jit(run)(
+        keys, jnp.asarray(idx), lane_values(sets, seeds, steps)
+    )
+    out = {k: np.asarray(v) for k, v in per_step.items()}
+    lanes = lambda i: slice(i * seeds, (i + 1) * seeds)
+    return [
+        {**{k: v[:, lanes(i)] for k, v in out.items()}, "injected": injections(s, steps),
+         "quality": np.asarray(quality)[lanes(i)], "finite": np.asarray(finite)[lanes(i)]}
+        for i, s in enumerate(sets)
+    ]  # fmt: skip
 
 
-def _metrics(arch: Arch, params: dict, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits = arch.apply(params, x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+def step_time(setting: Setting, reps: int) -> dict[str, float]:
+    """Median seconds of one jitted training step of one run, `optax` vs `gx.stable`, the two
+    timed alternately (`reps` each, after a compile and warm-up call)."""
+    model = setting.build()
+    task = model.task
+    x, y = jnp.asarray(task.x_train[:64]), jnp.asarray(task.y_train[:64])
+    params = model.init(jax.random.key(0))
+    fns, states = {}, {}
+    for row in ROWS:
+        lr = schedule(setting.lr, round(setting.warmup * 1000), setting.schedule, 1000)
+        tx = build_row(row, base_optimizer(setting.optimizer, lr))
+
+        def train_step(p, s, tx=tx):
+            loss, g = jax.value_and_grad(model.loss)(p, x, y)
+            u, s = tx.update(g, s, p, loss=loss)
+            return optax.apply_updates(p, u), s
+
+        fns[row], states[row] = jax.jit(train_step), tx.init(params)
+        jax.block_until_ready(fns[row](params, states[row]))  # compile
+    times: dict[str, list[float]] = {row: [] for row in ROWS}
+    for _ in range(reps):
+        for row in ROWS:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[row](params, states[row]))
+            times[row].append(time.perf_counter() - t0)
+    med = {row: float(np.median(times[row])) for row in ROWS}
+    return {"optax_ms": 1e3 * med["optax"], "stable_ms": 1e3 * med["gx.stable"],
+            "ratio": med["gx.stable"] / med["optax"]}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- summary
@@ -436,371 +296,317 @@ def loss_spikes(loss: np.ndarray) -> np.ndarray:
         return np.sum((now > SPIKE_RATIO * med) & (now > med + SPIKE_MARGIN), axis=-1)
 
 
-def _first(flags: np.ndarray) -> np.ndarray:
-    """Index of the first True along the last axis, or -1."""
-    return np.where(flags.any(-1), flags.argmax(-1), -1)
+def _forward_fill(loss: np.ndarray, skip: np.ndarray) -> np.ndarray:
+    """(seeds, steps) with the `skip` steps replaced by the previous step's value."""
+    out = loss.copy()
+    for t in np.flatnonzero(skip):
+        out[:, t] = out[:, t - 1] if t else np.nanmedian(loss[:, 1:], axis=1)
+    return out
 
 
-def _median(values) -> float | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.median(values)) if values else None
+def failures(setting: Setting, o: dict[str, np.ndarray], bound: float, metric: str) -> np.ndarray:
+    """bool per seed: non-finite loss on a step without injection, non-finite params, or a
+    final quality past `bound`."""
+    clean = o["loss"][~o["injected"]]  # (clean steps, seeds)
+    q = o["quality"]
+    bad_quality = ~(q >= bound) if metric == "accuracy" else ~(q <= bound)
+    return ~np.isfinite(clean).all(0) | ~o["finite"] | bad_quality
 
 
-def _vanishing_trigger(x: np.ndarray, patience: int = PATIENCE) -> np.ndarray:
-    """Per run: the largest bound that `x` (steps on the last axis) stays below for `patience`
-    consecutive steps somewhere, i.e. the threshold above which `health` would flag it.
-    Non-finite values count as not low, as in `health`."""
-    x = np.where(np.isfinite(x), x, np.inf)
-    if x.shape[-1] < patience:
-        return np.full(x.shape[:-1], 0.0)
-    return np.lib.stride_tricks.sliding_window_view(x, patience, axis=-1).max(-1).min(-1)
+def gap(quality: np.ndarray, reference: np.ndarray, metric: str) -> np.ndarray:
+    """Per seed, how much worse than the paired reference: accuracy points (x100), or percent
+    of the reference loss. Positive is worse; NaN where a run has no finite quality."""
+    with np.errstate(invalid="ignore"):
+        if metric == "accuracy":
+            return 100.0 * (reference - quality)
+        return 100.0 * (quality - reference) / reference
 
 
-def summarise(setting: Setting, row: Row, o: dict[str, np.ndarray]) -> dict[str, Any]:
-    """One table row from the arrays of one (row, setting): per-step (steps, seeds)."""
-    loss, raw = o["loss"].T, o["raw_norm"].T  # (seeds, steps)
-    nonfinite_loss = ~np.isfinite(loss)
-    failed = nonfinite_loss.any(-1) | ~o["finite"] | ~(o["train_loss"] <= FAIL_LOSS)
-    # first non-finite value the model produced: a loss or its own (pre-injection) gradient
-    first_bad = _first(nonfinite_loss | ~np.isfinite(raw))
-    first_flag = _first(o["exploding"].T)
-    leads, flagged = [], 0
-    for bad, flag in zip(first_bad, first_flag, strict=True):
-        if bad >= 0:
-            ok = 0 <= flag < bad
-            flagged += ok
-            leads.append(float(bad - flag) if ok else None)
-    injected = o["injected"].T
-    explode_flags = o["exploding"].T.sum(-1)
-    vanish_first = _first(o["vanishing"].T)
-    finite_raw = np.where(np.isfinite(raw), raw, np.nan)
-    max_norm = np.nanmax(np.where(np.isnan(finite_raw).all(-1, keepdims=True), 0, finite_raw), -1)
-    ratio = o["ratio"].T
-    before = (
-        np.arange(loss.shape[1])[None] < np.where(first_bad >= 0, first_bad, loss.shape[1])[:, None]
-    )
-    peak = lambda x: np.max(np.where(before & np.isfinite(x), x, -np.inf), -1)
-    max_z, max_growth = peak(o["z"].T), peak(o["growth"].T)
-    trigger = lambda x, by=None: _vanishing_trigger(x[:, :by] if by else x)
-    rms_100, ratio_100 = (
-        trigger(o["min_rms_fraction"].T, VANISH_BY),
-        trigger(o["min_ratio"].T, VANISH_BY),
-    )
-    rms_all, ratio_all = trigger(o["min_rms_fraction"].T), trigger(o["min_ratio"].T)
+def _mean(x: np.ndarray) -> float | None:
+    x = np.asarray(x, float)
+    return float(np.mean(x)) if x.size and np.isfinite(x).all() else None
+
+
+def summarise(setting: Setting, row: str, o: dict, ref: dict | None, task) -> dict[str, Any]:
+    """One table row from the arrays of one (setting, row); `ref`: the arrays of the
+    reference healthy setting's `optax` row (None for a healthy setting's own optax row)."""
+    failed = failures(setting, o, task.fail_bound, task.metric)
+    loss = _forward_fill(o["loss"].T, o["injected"])
+    guards = sorted(k for k in o if "/" in k)
+    g = gap(o["quality"], ref["quality"], task.metric) if ref is not None else None
+    within = None if g is None else bool(np.mean(g) <= 1.0 and not failed.any())
     return {
-        "setting": setting.name,
-        "group": setting.group,
-        "row": row.name,
-        "seeds": int(loss.shape[0]),
-        "fail_fraction": float(failed.mean()),
-        "median_test_accuracy": float(np.median(o["test_acc"])),
-        "loss_spikes_per_run": float(loss_spikes(loss).mean()),
-        "max_grad_norm": float(np.median(max_norm)),
-        "nonfinite_runs": int((first_bad >= 0).sum()),
-        "nonfinite_flagged_before": int(flagged),
-        "median_flag_lead_steps": _median(leads),
-        "exploding_flags_per_run": float(explode_flags.mean()),
-        "exploding_flags_outside_injections_per_run": float(
-            (o["exploding"].T & ~injected).sum(-1).mean()
-        ),
-        "injections_flagged": f"{int((o['exploding'].T & injected).sum())}/{int(injected.sum())}",
-        "vanishing_flags_per_run": float(o["vanishing"].T.sum(-1).mean()),
-        "first_vanishing_step": _median([float(v + 1) for v in vanish_first if v >= 0]),
-        "vanishing_within_100": int(((vanish_first >= 0) & (vanish_first < VANISH_BY)).sum()),
-        "early_update_ratio_first_layer": _median(
-            np.nanmedian(np.where(np.isfinite(ratio), ratio, np.nan)[:, :VANISH_BY], -1)
-        ),
-        "max_z": _median(max_z),
-        "max_growth": _median(max_growth),
-        "vanishing_trigger_rms_by_100": _median(rms_100),
-        "vanishing_trigger_ratio_by_100": _median(ratio_100),
-        "vanishing_trigger_rms": float(np.min(rms_all)),
-        "vanishing_trigger_ratio": float(np.min(ratio_all)),
-        "clipped_fraction": float(o["clipped"].mean()),
-        "skipped_per_run": float(o["skipped"].T.sum(-1).mean()),
+        "family": setting.family, "setting": setting.name, "kind": setting.kind,
+        "split": setting.split, "row": row, "reference": setting.reference or setting.name,
+        "metric": task.metric, "seeds": len(failed), "failures": int(failed.sum()),
+        "quality": _mean(o["quality"]), "gap": None if g is None else _mean(g),
+        "within_1": within, "spikes_per_run": float(loss_spikes(loss).mean()),
+        "guard_rates": {k: float(o[k].mean()) for k in guards},
         "per_seed": {
             "failed": failed.astype(int).tolist(),
-            "test_accuracy": np.round(o["test_acc"], 4).tolist(),
-            "final_train_loss": [float(x) if math.isfinite(x) else None for x in o["train_loss"]],
-            "first_exploding_flag": first_flag.tolist(),
-            "first_nonfinite": first_bad.tolist(),
-            "first_vanishing_flag": vanish_first.tolist(),
-            "max_z": np.round(max_z, 2).tolist(),
-            "max_growth": np.round(max_growth, 2).tolist(),
-            "vanishing_trigger_rms_by_100": rms_100.tolist(),
-            "vanishing_trigger_ratio_by_100": ratio_100.tolist(),
-            "vanishing_trigger_rms": rms_all.tolist(),
-            "vanishing_trigger_ratio": ratio_all.tolist(),
+            "quality": [float(q) if math.isfinite(q) else None for q in o["quality"]],
+            "gap": None if g is None else [float(v) if math.isfinite(v) else None for v in g],
         },
     }  # fmt: skip
 
 
-def goals(table: list[dict], stable_row: str = "gx.stable()") -> dict[str, Any]:
-    """The issue's goals, checked against the table (`stable_row`: the row of the default)."""
-    ref = next((t for t in table if t["row"] == "optax" and t["group"] == "healthy"), None)
-    ref_acc = ref["median_test_accuracy"] if ref else None
-    stable = [t for t in table if t["row"] == stable_row and t["group"] in ("explode", "inject")]
-    explosions = [t for t in table if t["group"] in ("explode", "inject", "healthy")]
-    healthy_plain = [t for t in table if t["row"] == "optax" and t["group"] == "healthy"]
-    vanish = [t for t in table if t["row"] == "optax" and t["group"] == "vanish"]
-    recover = {
-        v["setting"]: [
-            t["row"]
-            for t in table
-            if t["setting"] == v["setting"]
-            and t["row"] != "optax"
-            and t["fail_fraction"] == 0.0
-            and t["median_test_accuracy"] > v["median_test_accuracy"] + 0.01
-        ]
-        for v in vanish
-    }  # rows with no failure and a better median accuracy than plain optax, per setting
-    return {
-        "healthy_reference_accuracy": ref_acc,
-        "stable_zero_failures": all(t["fail_fraction"] == 0.0 for t in stable) if stable else None,
-        "stable_within_1pt_of_reference": (
-            all(t["median_test_accuracy"] >= ref_acc - 0.01 for t in stable)
-            if stable and ref else None
-        ),
-        "stable_worst": min(
-            ((t["median_test_accuracy"], t["setting"]) for t in stable), default=None
-        ),
-        "every_explosion_flagged_before_nonfinite": all(
-            t["nonfinite_flagged_before"] == t["nonfinite_runs"] for t in explosions
-        ),
-        "unflagged_explosions": [
-            (t["setting"], t["row"], t["nonfinite_runs"] - t["nonfinite_flagged_before"])
-            for t in explosions if t["nonfinite_flagged_before"] < t["nonfinite_runs"]
-        ],
-        "flags_per_run_on_healthy_reference": {
-            t["setting"]: (t["exploding_flags_per_run"], t["vanishing_flags_per_run"])
-            for t in healthy_plain
+def do_no_harm(setting: Setting, plain: dict, stable: dict, metric: str) -> dict[str, Any]:
+    """Healthy setting: paired stable - optax quality (accuracy points or percent of the
+    loss; positive = stable worse), its mean and the seed noise (std of optax's quality
+    across seeds, same units)."""
+    g = gap(stable["quality"], plain["quality"], metric)
+    scale = 100.0 if metric == "accuracy" else 100.0 / np.mean(plain["quality"])
+    noise = float(np.std(plain["quality"], ddof=1) * scale) if len(g) > 1 else None
+    return {"family": setting.family, "setting": setting.name, "split": setting.split,
+            "stable_worse_by": _mean(g), "optax_seed_std": noise,
+            "stable_worse_per_seed": [float(v) for v in g]}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+@dataclass
+class Options:
+    seeds: int = 4
+    steps_scale: float = 1.0  # times the family's `STEPS`
+    families: Sequence[str] | None = None  # None: all
+    settings: Sequence[Setting] | None = None  # None: `SETTINGS`
+    timing_reps: int = 30  # 0: no step timing
+
+
+def steps_for(family: str, scale: float) -> int:
+    return max(2 * SPIKE_WINDOW, round(STEPS.get(family, 600) * scale))
+
+
+def select(opts: Options) -> list[Setting]:
+    """The settings to run; every unstable one brings its reference along."""
+    sets = [
+        s for s in (opts.settings or SETTINGS) if not opts.families or s.family in opts.families
+    ]
+    keys = {s.key for s in sets}
+    missing = [s.key for s in sets if s.reference and f"{s.family}/{s.reference}" not in keys]
+    if missing:
+        raise ValueError(f"settings {missing} need their healthy reference in the run")
+    return sets
+
+
+def train_all(sets: list[Setting], opts: Options, log) -> dict[tuple[str, str], dict]:
+    """Arrays of every (setting key, row): one scan per (group, row)."""
+    groups: dict[tuple, list[Setting]] = {}
+    for s in sets:
+        groups.setdefault(group_key(s), []).append(s)
+    results = {}
+    for members in groups.values():
+        steps = steps_for(members[0].family, opts.steps_scale)
+        for row in ROWS:
+            t0 = time.perf_counter()
+            outs = train_group(members, row, opts.seeds, steps)
+            names = ", ".join(s.name for s in members)
+            log(f"[{time.perf_counter() - t0:5.1f} s] {members[0].family} {row}: {names}")
+            results.update({(s.key, row): o for s, o in zip(members, outs, strict=True)})
+    return results
+
+
+def summary(table: list[dict], harm: list[dict]) -> dict[str, Any]:
+    """The issue's criteria for the `gx.stable` row, per split."""
+    out = {}
+    for split in ("tune", "held-out"):
+        mine = [t for t in table if t["split"] == split and t["row"] == "gx.stable"]
+        unstable = [t for t in mine if t["kind"] != "healthy"]
+        healthy = [t for t in mine if t["kind"] == "healthy"]
+        rates = [(r, g, t["family"] + "/" + t["setting"]) for t in healthy
+                 for g, r in t["guard_rates"].items()]  # fmt: skip
+        plain = [t for t in table if t["split"] == split and t["row"] == "optax"]
+        out[split] = {
+            "settings": len({(t["family"], t["setting"]) for t in mine}),
+            "stable_failed_runs": sum(t["failures"] for t in unstable),
+            "optax_failed_runs": sum(t["failures"] for t in plain if t["kind"] != "healthy"),
+            "runs": sum(t["seeds"] for t in unstable),
+            "stable_within_1": sum(bool(t["within_1"]) for t in unstable),
+            "unstable_settings": len(unstable),
+            "max_healthy_guard_rate": max(rates, default=None),
+            "healthy_harm_beyond_noise": [
+                f"{h['family']}/{h['setting']}" for h in harm if h["split"] == split
+                and (h["stable_worse_by"] or 0) > max(1.0, h["optax_seed_std"] or 0)
+            ],
+        }  # fmt: skip
+    return out
+
+
+def run_benchmark(opts: Options, out: Path | None = None, log=print) -> dict[str, Any]:
+    """Train every selected setting in both rows, summarise, time a step per family, and
+    (with `out`) write `stability.json`, `.md` and `.png`."""
+    start = time.perf_counter()
+    sets = select(opts)
+    results = train_all(sets, opts, log)
+    table, harm = [], []
+    for s in sets:
+        task = s.build().task
+        ref = results[f"{s.family}/{s.reference or s.name}", "optax"]
+        table += [summarise(s, row, results[s.key, row], ref, task) for row in ROWS]
+        if s.kind == "healthy":
+            harm.append(do_no_harm(s, results[s.key, "optax"], results[s.key, "gx.stable"],
+                                   task.metric))  # fmt: skip
+    timing = {}
+    if opts.timing_reps:
+        for family in dict.fromkeys(s.family for s in sets):
+            first = next(s for s in sets if s.family == family and s.kind == "healthy")
+            timing[family] = {"setting": first.name, **step_time(first, opts.timing_reps)}
+            log(f"step time {family}: {timing[family]}")
+    result = {
+        "benchmark": "stability suite",
+        "machine": machine.describe(("jax", "jaxlib", "optax", "numpy", "scikit-learn")),
+        "options": {
+            "seeds": opts.seeds,
+            "steps_scale": opts.steps_scale,
+            "steps": {s.family: steps_for(s.family, opts.steps_scale) for s in sets},
+            "settings": [dataclasses.asdict(s) for s in sets],
         },
-        "no_flags_on_healthy_reference": all(
-            t["exploding_flags_per_run"] == 0 and t["vanishing_flags_per_run"] == 0
-            for t in healthy_plain
-        ),
-        "vanishing_flagged_within_100": all(
-            t["vanishing_within_100"] == t["seeds"] for t in vanish
-        ),
-        "remedies_recovering_setting_3": recover,
-    }  # fmt: skip
+        "runtime_s": round(time.perf_counter() - start, 1),
+        "summary": summary(table, harm),
+        "rows": table,
+        "healthy": harm,
+        "step_time": timing,
+    }
+    if out is not None:
+        write(result, out)
+    return result
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stability.json").write_text(json.dumps(result, indent=1))
+    (out / "stability.md").write_text(markdown(result))
+    plot_summary(result, out / "stability.png")
 
 
 # ----------------------------------------------------------------------------- report
 
 
-COLUMNS = [
-    ("row", "row", "{}"),
-    ("fail", "fail_fraction", "{:.1f}"),
-    ("acc", "median_test_accuracy", "{:.3f}"),
-    ("spikes", "loss_spikes_per_run", "{:.1f}"),
-    ("max|g|", "max_grad_norm", "{:.3g}"),
-    ("nf flagged", None, None),
-    ("lead", "median_flag_lead_steps", "{:.0f}"),
-    ("expl/run", "exploding_flags_per_run", "{:.1f}"),
-    ("inj flagged", "injections_flagged", "{}"),
-    ("van@", "first_vanishing_step", "{:.0f}"),
-    ("ratio@100", "early_update_ratio_first_layer", "{:.1e}"),
-    ("clip%", "clipped_fraction", "{:.0%}"),
-    ("skip/run", "skipped_per_run", "{:.1f}"),
-]
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
-def _cell(t: dict, head: str, key: str | None, fmt: str | None) -> str:
-    if head == "nf flagged":
-        return f"{t['nonfinite_flagged_before']}/{t['nonfinite_runs']}"
-    return "-" if t[key] is None else fmt.format(t[key])
+def guard_names(table: list[dict]) -> list[str]:
+    return sorted({g for t in table for g in t["guard_rates"]})
 
 
-def format_table(table: list[dict], markdown: bool = False) -> str:
-    """The results as plain text blocks per setting, or as one Markdown table."""
-    if markdown:
-        heads = ["setting"] + [h.replace("|", "\\|") for h, _, _ in COLUMNS]
-        lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-        previous = None
-        for t in table:
-            name = t["setting"] if t["setting"] != previous else ""
-            previous = t["setting"]
-            cells = [name] + [_cell(t, h, k, f) for h, k, f in COLUMNS]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        return "\n".join(lines)
-    lines = []
-    for setting in dict.fromkeys(t["setting"] for t in table):
-        block = [t for t in table if t["setting"] == setting]
-        cells = [[_cell(t, h, k, f) for h, k, f in COLUMNS] for t in block]
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(COLUMNS)]
-        line = lambda cs, widths=widths: "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cs, widths, strict=True))
-        )
-        lines += ["", f"== {setting}", line([h for h, _, _ in COLUMNS])]
-        lines += [line(c) for c in cells]
-    return "\n".join(lines)
+def table_rows(table: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the main table: one line per (setting, row)."""
+    guards = guard_names(table)
+    head = ["split", "setting", "kind", "row", "fail", "quality", "gap", "spikes", *guards]
+    cells = []
+    for t in table:
+        q = _fmt(t["quality"], ".3f")
+        g = _fmt(t["gap"], "+.1f") + ("" if t["metric"] == "accuracy" else "%")
+        ok = {True: " ok", False: " !", None: ""}[t["within_1"]]
+        rates = [_fmt(t["guard_rates"].get(n), ".1%") for n in guards]
+        cells.append([t["split"], f"{t['family']}/{t['setting']}", t["kind"], t["row"],
+                      f"{t['failures']}/{t['seeds']}", q, g + ok,
+                      f"{t['spikes_per_run']:.1f}", *rates])  # fmt: skip
+    return head, cells
 
 
-def plot_summary(table: list[dict], path: Path) -> None:
-    """Heatmap of fail fraction (colour) and median accuracy (text), rows x settings."""
+def format_table(table: list[dict]) -> str:
+    head, cells = table_rows(table)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    line = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths, strict=True)).rstrip()
+    return "\n".join([line(head), *(line(c) for c in cells)])
+
+
+def _md(head: list[str], cells: list[list[str]]) -> str:
+    rows = [head, ["---"] * len(head), *cells]
+    return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)
+
+
+def markdown(result: dict) -> str:
+    """The report: criteria per split, do-no-harm, step time, then every (setting, row)."""
+    s, m = result["summary"], result["machine"]
+    crit = [[split, str(v["settings"]), f"{v['stable_failed_runs']}/{v['runs']}",
+             f"{v['optax_failed_runs']}/{v['runs']}",
+             f"{v['stable_within_1']}/{v['unstable_settings']}",
+             "-" if v["max_healthy_guard_rate"] is None else
+             "{:.1%} ({} on {})".format(*v["max_healthy_guard_rate"]),
+             ", ".join(v["healthy_harm_beyond_noise"]) or "none"]
+            for split, v in s.items()]  # fmt: skip
+    harm = [[h["split"], f"{h['family']}/{h['setting']}", _fmt(h["stable_worse_by"], "+.2f"),
+             _fmt(h["optax_seed_std"], ".2f")] for h in result["healthy"]]  # fmt: skip
+    timing = [[f, t["setting"], f"{t['optax_ms']:.2f}", f"{t['stable_ms']:.2f}",
+               f"{t['ratio']:.2f}"] for f, t in result["step_time"].items()]  # fmt: skip
+    return "\n\n".join([
+        f"# Stability suite\n\n{m['cpu']} ({m['cpu_count']} cores), load "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average'])} at the end, "
+        f"gradxform {m['gradxform_commit']}, {result['options']['seeds']} seeds, "
+        f"{result['runtime_s']} s.",
+        "## gx.stable per split\n\n" + _md(
+            ["split", "settings", "stable failed runs (unstable)", "optax failed runs",
+             "stable within 1 point / 1%", "max guard rate on healthy", "healthy harm > noise"],
+            crit),
+        "## Healthy runs: stable - optax (accuracy points or % of loss, + = stable worse)\n\n"
+        + _md(["split", "setting", "stable worse by", "optax seed std"], harm),
+        "## Step time (one jitted step, one run, medians)\n\n"
+        + _md(["family", "setting", "optax ms", "stable ms", "ratio"], timing),
+        "## Every setting\n\ngap: paired, to the reference healthy optax run (points or % of "
+        "loss, + = worse; ok / ! = within 1 / not). Guard columns: fraction of steps acted.\n\n"
+        + _md(*table_rows(result["rows"])),
+    ]) + "\n"  # fmt: skip
+
+
+def plot_summary(result: dict, path: Path) -> None:
+    """Left: gap to the healthy run per unstable setting, both rows, failures marked. Right:
+    largest guard rate of `gx.stable` per setting (healthy settings: false interventions)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    row_names = list(dict.fromkeys(t["row"] for t in table))
-    set_names = list(dict.fromkeys(t["setting"] for t in table))
-    fail = np.full((len(row_names), len(set_names)), np.nan)
-    acc = np.full_like(fail, np.nan)
-    for t in table:
-        i, j = row_names.index(t["row"]), set_names.index(t["setting"])
-        fail[i, j], acc[i, j] = t["fail_fraction"], t["median_test_accuracy"]
-    # Sized to be read at a documentation page's width (about 900 px): few inches, large text.
-    fig = Figure(figsize=(0.85 * len(set_names) + 2.6, 0.42 * len(row_names) + 2.4))
+    table = result["rows"]
+    names = list(dict.fromkeys(f"{t['family']}/{t['setting']}" for t in table))
+    label = {n: n + (" *" if t["split"] == "held-out" else "")
+             for t in table for n in [f"{t['family']}/{t['setting']}"]}  # fmt: skip
+    fig = Figure(figsize=(10, 0.28 * len(names) + 1.6))
     fig.set_layout_engine("constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(fail, cmap="Reds", vmin=0, vmax=1, aspect="auto")
-    for i in range(len(row_names)):
-        for j in range(len(set_names)):
-            if not np.isnan(fail[i, j]):
-                color = "white" if fail[i, j] > 0.5 else "black"
-                ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=9, color=color)
-    ax.set_xticks(range(len(set_names)), set_names, rotation=35, ha="right", fontsize=9)
-    ax.set_yticks(range(len(row_names)), row_names, fontsize=9)
-    ax.set_title("fail fraction (colour), median test accuracy (text)", fontsize=10)
-    fig.colorbar(image, ax=ax, label="fail fraction", fraction=0.03)
-    fig.savefig(path, dpi=110)
-
-
-def history(recs: tuple, setting_index: int) -> list[dict[str, float]]:
-    """`read_health` dicts per step for seed 0 of one setting, from the scan's records."""
-    host = jax.device_get(jax.tree.map(lambda x: x[:, setting_index], recs))
-    steps = jax.tree.leaves(host)[0].shape[0]
-    return [gx.read_health(jax.tree.map(lambda x, t=t: x[t], host)) for t in range(steps)]
+    left, right = fig.subplots(1, 2, sharey=True, width_ratios=(3, 2))
+    y = {n: i for i, n in enumerate(names)}
+    for k, (row, color) in enumerate((("optax", "tab:gray"), ("gx.stable", "tab:blue"))):
+        mine = [t for t in table if t["row"] == row]
+        ys = [y[f"{t['family']}/{t['setting']}"] + (k - 0.5) * 0.4 for t in mine]
+        gaps = [min(t["gap"], 30.0) if t["gap"] is not None else 30.0 for t in mine]
+        left.barh(ys, gaps, height=0.4, color=color, label=row)
+        fails = [(yy, 30.0) for yy, t in zip(ys, mine, strict=True) if t["failures"]]
+        if fails:
+            left.plot(*zip(*[(x, yy) for yy, x in fails], strict=True), "rx", ms=6)
+    left.axvline(1.0, color="k", lw=0.8, ls="--")
+    left.set_xlabel("gap to healthy optax (points or % loss, capped at 30; x = failures)")
+    left.legend(loc="lower right", fontsize=8)
+    stable = [t for t in table if t["row"] == "gx.stable"]
+    top = [max(t["guard_rates"].values(), default=0.0) for t in stable]
+    right.barh([y[f"{t['family']}/{t['setting']}"] for t in stable], top, color="tab:orange")
+    right.axvline(0.01, color="k", lw=0.8, ls="--")
+    right.set_xlabel("gx.stable: largest guard rate")
+    left.set_yticks(range(len(names)), [label[n] for n in names], fontsize=8)
+    left.invert_yaxis()
+    fig.suptitle("Stability suite (* = held out)", fontsize=10)
+    fig.savefig(path, dpi=100)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-@dataclass
-class Options:
-    seeds: int = 10
-    steps: int = 1500
-    vanish_steps: int = 2000
-    settings: Sequence[Setting] | None = None  # None: `settings(steps, vanish_steps)`
-    rows: Sequence[str] | None = None  # row names to keep; None: all
-    health_kwargs: dict = field(default_factory=dict)
-    stable_kwargs: dict = field(default_factory=dict)
-    extra_rows: Sequence[Row] = ()  # e.g. candidate defaults, built from explicit arguments
-    save_steps: Path | None = None  # write every per-step array here (.npz), for offline analysis
-    name: str = "stability"  # prefix of the files written under `out`
-    plots: dict[str, tuple[str, str]] = field(
-        default_factory=lambda: {
-            "explode": ("gx.stable()", "1b SGD lr 0.1"),
-            "explode_plain": ("optax", "1a SGD lr 0.05"),
-            "vanish": ("optax", "3a 20x50 at 0.5x He, SGD lr 0.01"),
-        }
-    )
-
-
-def run_benchmark(opts: Options, out: Path | None = None, log=print) -> dict[str, Any]:
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    data = load_digits()
-    sets = list(opts.settings or settings(opts.steps, opts.vanish_steps))
-    all_rows = [r for r in rows(opts.stable_kwargs) if opts.rows is None or r.name in opts.rows]
-    all_rows += list(opts.extra_rows)
-    table, timings, plotted, saved = [], {}, {}, {}
-    start = time.perf_counter()
-    for group in group_runs(sets, all_rows):
-        t0 = time.perf_counter()
-        o, where, recs = train_group(group, data, opts.seeds, opts.health_kwargs)
-        label = f"{group.arch.describe()}, {group.family}, {group.steps} steps"
-        timings[label] = round(time.perf_counter() - t0, 1)
-        log(
-            f"[{timings[label]:6.1f} s] {label}: "
-            f"{len(where)} row x setting pairs x {opts.seeds} seeds"
-        )
-        for r, (row, row_sets) in enumerate(group.runs):
-            for k, setting in enumerate(row_sets):
-                lanes = where[row.name, setting.name]
-                table.append(summarise(setting, row, {n: v[..., lanes] for n, v in o.items()}))
-                if opts.save_steps is not None:
-                    saved.update(
-                        {f"{row.name}|{setting.name}|{n}": v[..., lanes] for n, v in o.items()}
-                    )
-                tags = [tag for tag, key in opts.plots.items() if key == (row.name, setting.name)]
-                if out is not None and tags:
-                    hist = history(recs[r], k)
-                    for tag in tags:
-                        path = out / f"{opts.name}_health_{tag}.png"
-                        plot_health(hist, path, title=f"{row.name}, {setting.name}, seed 0")
-                        plotted[tag] = {"row": row.name, "setting": setting.name, "path": path.name}
-    if opts.save_steps is not None:
-        np.savez_compressed(opts.save_steps, **saved)
-    order = {s.name: k for k, s in enumerate(sets)}
-    table.sort(key=lambda t: order[t["setting"]])
-    result = {
-        "benchmark": "stability",
-        "machine": machine.describe(("jax", "jaxlib", "optax", "numpy", "scikit-learn")),
-        "options": {
-            "seeds": opts.seeds,
-            "steps": opts.steps,
-            "vanish_steps": opts.vanish_steps,
-            "health_kwargs": opts.health_kwargs,
-            "stable_kwargs": opts.stable_kwargs,
-            "settings": [dataclasses.asdict(s) for s in sets],
-        },
-        "runtime_s": round(time.perf_counter() - start, 1),
-        "group_runtime_s": timings,
-        "goals": goals(table),
-        **{
-            f"goals [{name}]": goals(table, name)
-            for name in dict.fromkeys(t["row"] for t in table)
-            if name.startswith("proposed")
-        },
-        "rows": table,
-        "plots": plotted,
-    }
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{opts.name}.json").write_text(json.dumps(result, indent=1))
-        (out / f"{opts.name}.md").write_text(format_table(table, markdown=True) + "\n")
-        plot_summary(table, out / f"{opts.name}.png")
-    return result
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="3 seeds, 600/800 steps")
+    parser.add_argument("--seeds", type=int, default=None, help="default 4 (--quick: 2)")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 1/3 of the steps")
+    parser.add_argument("--families", nargs="+", default=None, help="default: all six")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--health", type=json.loads, default={}, help="gx.health kwargs, JSON")
-    parser.add_argument("--stable", type=json.loads, default={}, help="gx.stable kwargs, JSON")
-    parser.add_argument(
-        "--proposed",
-        action="store_true",
-        help="the proposed defaults: PROPOSED_HEALTH in every health record, plain optax and "
-        "the two `proposed` stable rows only; writes stability_proposed.*",
-    )
     args = parser.parse_args(argv)
-    opts = Options(seeds=args.seeds, health_kwargs=args.health, stable_kwargs=args.stable)
-    if args.proposed:
-        health_kwargs = {**PROPOSED_HEALTH, **args.health}
-        opts = dataclasses.replace(
-            opts,
-            health_kwargs=health_kwargs,
-            rows=["optax"],
-            extra_rows=proposed_stable_rows(health_kwargs),
-            name="stability_proposed",
-            plots={
-                "explode": ("proposed A: stable + update AGC", "1b SGD lr 0.1"),
-                "vanish": ("optax", "3b 20x50 at 0.7x He, SGD lr 0.01"),
-            },
-        )
+    opts = Options(families=args.families)
     if args.quick:
-        opts = dataclasses.replace(opts, seeds=min(args.seeds, 3), steps=600, vanish_steps=800)
-    args.out.mkdir(parents=True, exist_ok=True)
+        opts = dataclasses.replace(opts, seeds=2, steps_scale=1 / 3, timing_reps=10)
+    if args.seeds is not None:
+        opts.seeds = args.seeds
     result = run_benchmark(opts, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(result["rows"]))
-    print()
-    print(json.dumps({k: v for k, v in result.items() if k.startswith("goals")}, indent=1))
+    print(json.dumps(result["summary"], indent=1))
     cpu, cores = result["machine"]["cpu"], result["machine"]["cpu_count"]
     print(f"\n{result['runtime_s']} s on {cpu} ({cores} cores)")
     return result

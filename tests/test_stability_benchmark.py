@@ -1,96 +1,133 @@
-"""The stability benchmark (`benchmarks/stability.py`) at tiny size: its JSON, table and plots,
-and the behaviour it exists to show (NaN gradients kill plain optax, not `gx.stable`)."""
+"""The stability suite (`benchmarks/stability.py`) at tiny size: its JSON and reports, the guard
+rates read from the records, failure detection, and the tune / held-out split."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
+from collections import Counter
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-ROOT = Path(__file__).resolve().parent.parent
+import gradxform as gx
+from benchmarks import stability as sb
+from benchmarks.suite_models import SETTINGS, Setting
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("stability", ROOT / "benchmarks" / "stability.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stability"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-sb = _load()
-
-TINY = sb.Arch(depth=2, width=16)
-ROW_FIELDS = {
-    "setting", "group", "row", "seeds", "fail_fraction", "median_test_accuracy",
-    "loss_spikes_per_run", "max_grad_norm", "nonfinite_runs", "nonfinite_flagged_before",
-    "median_flag_lead_steps", "exploding_flags_per_run",
-    "exploding_flags_outside_injections_per_run", "injections_flagged",
-    "vanishing_flags_per_run", "first_vanishing_step", "vanishing_within_100",
-    "early_update_ratio_first_layer", "max_z", "max_growth", "vanishing_trigger_rms_by_100",
-    "vanishing_trigger_ratio_by_100", "vanishing_trigger_rms", "vanishing_trigger_ratio",
-    "clipped_fraction", "skipped_per_run", "per_seed",
-}  # fmt: skip
+SMALL_MLP = (("depth", 2), ("width", 16))
+TINY = [
+    Setting("mlp", "healthy", "healthy", "tune", "sgd", 0.05, model=SMALL_MLP),
+    Setting("mlp", "nan /10", "nan", "held-out", "sgd", 0.05, "healthy", SMALL_MLP, every=10),
+    Setting("lstm", "healthy", "healthy", "held-out", "adam", 3e-3, model=(("hidden", 8),)),
+]
+STEPS = 40
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("stability")
-    opts = sb.Options(
-        seeds=2,
-        settings=[
-            sb.Setting("healthy", "healthy", "sgd", 0.05, TINY, steps=60),
-            sb.Setting("nan", "inject", "sgd", 0.05, TINY, steps=60, nan_every=20),
-        ],
-        rows=["optax", "gx.stable()"],
-        plots={"nan": ("gx.stable()", "nan")},
-    )
+    opts = sb.Options(seeds=2, steps_scale=STEPS / 600, settings=TINY, timing_reps=0)
     return sb.run_benchmark(opts, out, log=lambda _: None), out
 
 
 def _row(result, setting, row):
-    return next(t for t in result["rows"] if t["setting"] == setting and t["row"] == row)
+    return next(
+        t for t in result["rows"] if f"{t['family']}/{t['setting']}" == setting and t["row"] == row
+    )
 
 
-def test_benchmark_writes_json_summary_and_health_plot(result):
+def test_suite_writes_json_markdown_and_png(result):
     res, out = result
     on_disk = json.loads((out / "stability.json").read_text())
-    assert set(on_disk) >= {"machine", "options", "runtime_s", "goals", "rows", "plots"}
-    assert on_disk["machine"]["cpu_count"] >= 1 and on_disk["options"]["seeds"] == 2
-    assert [(t["setting"], t["row"]) for t in on_disk["rows"]] == [
-        ("healthy", "optax"), ("healthy", "gx.stable()"), ("nan", "optax"), ("nan", "gx.stable()")
-    ]  # fmt: skip
+    assert set(on_disk) >= {"machine", "options", "runtime_s", "summary", "rows", "healthy"}
+    assert set(on_disk["summary"]) == {"tune", "held-out"}
+    assert [(t["family"], t["setting"], t["row"]) for t in on_disk["rows"]] == [
+        (s.family, s.name, row) for s in TINY for row in sb.ROWS
+    ]
     for t in on_disk["rows"]:
-        assert set(t) == ROW_FIELDS
-        assert len(t["per_seed"]["test_accuracy"]) == 2
-    for png in ("stability.png", "stability_health_nan.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "== nan" in sb.format_table(res["rows"])
+        assert len(t["per_seed"]["quality"]) == 2 and t["split"] in ("tune", "held-out")
+    assert [h["setting"] for h in on_disk["healthy"]] == ["healthy", "healthy"]
+    assert (out / "stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mlp/nan /10" in (out / "stability.md").read_text()
+    assert "mlp/nan /10" in sb.format_table(res["rows"])
 
 
-def test_nan_injection_kills_plain_optax_but_not_stable(result):
+def test_guard_flags_read_every_clipped_and_skipped_field():
+    """Each guard in the state is reported under its record's name, acting or not."""
+    tx = gx.chain(
+        gx.clip_by_leaf_norm(1e3),  # does not act
+        gx.skip_if(gx.chain(gx.zclip(), optax.sgd(10.0), gx.adaptive_grad_clip(1e-2))),
+        gx.clip_by_global_norm(1e-3),  # acts
+    )
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    grads = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    _, state = tx.update(grads, tx.init(params), params)
+    flags = {k: bool(v) for k, v in sb.guard_flags(state).items()}
+    logged = gx.read_health(state)  # an independent reader: per-leaf flags as `agc/clipped/w`
+    assert flags == {
+        name: any(v for k, v in logged.items() if k == name or k.startswith(name + "/"))
+        for name in ("clip/clipped", "clip_1/clipped", "skip/skipped", "zclip/clipped",
+                     "agc/clipped")
+    }  # fmt: skip
+    assert flags["clip_1/clipped"] and flags["agc/clipped"] and not flags["clip/clipped"]
+    _, state = tx.update({"w": grads["w"], "b": jnp.array([jnp.nan, 1.0])}, state, params)
+    assert bool(sb.guard_flags(state)["skip/skipped"])
+
+
+def test_step_time_times_both_rows_of_one_step():
+    t = sb.step_time(TINY[0], reps=3)
+    assert t["optax_ms"] > 0 and t["stable_ms"] > 0
+    assert t["ratio"] == pytest.approx(t["stable_ms"] / t["optax_ms"])
+
+
+def test_guard_rates_in_the_run_come_from_the_records(result):
     res, _ = result
-    plain, stable = _row(res, "nan", "optax"), _row(res, "nan", "gx.stable()")
-    assert plain["fail_fraction"] == 1.0
-    assert plain["nonfinite_runs"] == 2 == plain["nonfinite_flagged_before"]
-    assert stable["fail_fraction"] == 0.0 and stable["nonfinite_runs"] == 0
-    assert stable["skipped_per_run"] == 3.0  # steps 20, 40, 60
-    assert stable["injections_flagged"] == "6/6"
-    assert stable["median_test_accuracy"] > 0.5
+    assert _row(res, "mlp/nan /10", "optax")["guard_rates"] == {}
+    rates = _row(res, "mlp/nan /10", "gx.stable")["guard_rates"]
+    assert {"skip/skipped", "zclip/clipped", "agc/clipped"} <= set(rates)
+    assert rates["skip/skipped"] == pytest.approx(4 / STEPS)  # the NaN steps 10, 20, 30, 40
 
 
-def test_healthy_reference_trains_without_flags(result):
+def test_nan_batches_fail_plain_optax_and_are_judged_against_the_healthy_run(result):
     res, _ = result
-    plain = _row(res, "healthy", "optax")
-    assert plain["fail_fraction"] == 0.0 and plain["exploding_flags_per_run"] == 0.0
-    assert res["goals"]["healthy_reference_accuracy"] == plain["median_test_accuracy"]
+    plain, stable = _row(res, "mlp/nan /10", "optax"), _row(res, "mlp/nan /10", "gx.stable")
+    assert plain["failures"] == 2 and plain["within_1"] is False and plain["gap"] > 10
+    assert stable["failures"] == 0 and stable["gap"] is not None
+    assert stable["reference"] == "healthy"
+
+
+def test_failures_need_a_finite_clean_loss_and_quality_within_the_bound():
+    setting = TINY[1]
+    o = {
+        "loss": np.ones((STEPS, 4)),
+        "injected": sb.injections(setting, STEPS),
+        "quality": np.array([0.9, 0.9, 0.9, 0.1]),
+        "finite": np.array([True, True, False, True]),
+    }
+    o["loss"][9, 0] = np.nan  # an injected step: not a failure
+    o["loss"][10, 1] = np.inf  # a clean step: a failure
+    assert sb.failures(setting, o, 0.2, "accuracy").tolist() == [False, True, True, True]
+    assert sb.failures(setting, {**o, "quality": np.full(4, 3.0)}, 2.5, "loss").all()
+
+
+def test_split_covers_every_family_and_kind_in_both_parts():
+    families = {s.family for s in SETTINGS}
+    assert len(families) >= 6
+    for split in ("tune", "held-out"):
+        assert {s.family for s in SETTINGS if s.split == split} == families
+    kinds = Counter(s.kind for s in SETTINGS if s.kind != "healthy")
+    assert set(kinds) == {"lr", "warmup", "corrupt", "nan", "recurrent", "fp16"}
+    for kind in kinds:
+        assert kinds[kind] >= 2
+        assert {s.split for s in SETTINGS if s.kind == kind} == {"tune", "held-out"}
+    healthy = {s.key: s for s in SETTINGS if s.kind == "healthy"}
+    for s in SETTINGS:
+        if s.kind != "healthy":
+            assert healthy[f"{s.family}/{s.reference}"].optimizer == s.optimizer, s.key
 
 
 def test_loss_spikes_need_twice_the_median_and_half_a_unit_above_it():
@@ -101,11 +138,3 @@ def test_loss_spikes_need_twice_the_median_and_half_a_unit_above_it():
     relative_only[30] = 0.55  # > 2x but < +0.5
     counts = sb.loss_spikes(np.stack([flat, spike, small, relative_only]))
     assert counts.tolist() == [0, 1, 0, 0]
-
-
-def test_vanishing_trigger_is_the_bound_held_for_twenty_consecutive_steps():
-    long_dip = np.r_[np.ones(30), np.full(25, 1e-5), np.ones(30)]
-    short_dip = np.r_[np.ones(30), np.full(15, 1e-5), np.ones(40)]
-    nonfinite = np.r_[np.ones(30), np.full(25, np.nan), np.ones(30)]
-    triggers = sb._vanishing_trigger(np.stack([long_dip, short_dip, nonfinite]))
-    assert triggers.tolist() == [1e-5, 1.0, 1.0]
