@@ -37,7 +37,7 @@ from gradxform.telemetry import (
     next_health,
 )
 
-MIN_STEP_SCALE = 2.0**-10  # the step scale's floor: ten backoffs, recovered in ten doublings
+MIN_STEP_SCALE = 2.0**-4  # the step scale's floor: a learning rate 16x too high, no lower
 RECENT = 10  # a second finite clip or skip within this many steps is a trend: back off
 
 
