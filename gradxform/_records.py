@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from gradxform._checks import Stacked, check_stacked, leaf_name
 
@@ -130,11 +131,19 @@ class ClipRecord(NamedTuple):
     norm: jax.Array  # float32 statistic compared with the threshold, before clipping
     threshold: jax.Array  # float32 threshold in force on that step (one for all leaves)
     clipped: jax.Array  # bool, True where the update was scaled down
+    clipped_total: jax.Array  # int32 steps on which anything was clipped (saturating)
     leaves: Any = None  # per-leaf clips: `leaf_slots(params, stacked)`
 
     def per_leaf(self, field: str) -> Any:
         """`norm` or `clipped` of a per-leaf clip as a tree shaped like the params."""
         return unflatten_vector(self.leaves, getattr(self, field))
+
+    def next(self, norm: jax.Array, threshold: jax.Array, clipped: jax.Array) -> ClipRecord:
+        """This step's record (same `leaves`), the total counted on."""
+        total = self.clipped_total
+        total = jnp.where(jnp.any(clipped), optax.safe_increment(total), total)
+        as_f32 = lambda x: jnp.asarray(x, jnp.float32)
+        return ClipRecord(as_f32(norm), as_f32(threshold), clipped, total, self.leaves)
 
 
 def no_clip_record(params: Any = None, stacked: Stacked = None) -> ClipRecord:
@@ -142,12 +151,17 @@ def no_clip_record(params: Any = None, stacked: Stacked = None) -> ClipRecord:
     or per layer of the leaves `stacked` marks)."""
     if params is None:
         return ClipRecord(
-            jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([], bool)
-        )
+            jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([], bool),
+            jnp.zeros([], jnp.int32),
+        )  # fmt: skip
     slots = leaf_slots(params, stacked)
     n = len(unit_names(slots))
     return ClipRecord(
-        jnp.zeros([n], jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([n], bool), slots
+        jnp.zeros([n], jnp.float32),
+        jnp.zeros([], jnp.float32),
+        jnp.zeros([n], bool),
+        jnp.zeros([], jnp.int32),
+        slots,
     )
 
 

@@ -88,7 +88,7 @@ def autoclip(
         threshold = ordered[lo] + (ordered[hi] - ordered[lo]) * (position - lo)
         threshold = jnp.where(n > 0, threshold, jnp.inf)
         updates, clipped = clip_to_norm(updates, norm, threshold)
-        record = ClipRecord(norm, threshold, clipped)
+        record = state.record.next(norm, threshold, clipped)
         return updates, AutoClipState(optax.safe_increment(state.count), written, norms, record)
 
     return gradient_transformation(init, update)
@@ -170,7 +170,7 @@ def zclip(
         updates, clipped = clip_to_norm(updates, norm, threshold)
         absorbed = jnp.minimum(norm, threshold)
         moments = moments_update(m, absorbed, alpha, warmup_steps, jnp.isfinite(norm))
-        record = ClipRecord(norm, threshold, clipped)
+        record = state.record.next(norm, threshold, clipped)
         return updates, ZClipState(optax.safe_increment(state.count), moments, record)
 
     return gradient_transformation(init, update)

@@ -97,7 +97,7 @@ def clip(max_delta: ScalarOrSchedule) -> GradientTransformationExtraArgs:
         updates = jax.tree.map(
             lambda g: jnp.clip(g, -delta.astype(g.dtype), delta.astype(g.dtype)), updates
         )
-        record = ClipRecord(peak, delta, peak > delta)
+        record = state.record.next(peak, delta, peak > delta)
         return updates, ClipState(optax.safe_increment(state.count), record)
 
     return gradient_transformation(init, update)
@@ -138,7 +138,7 @@ def clip_by_global_norm(
         bound = resolve(max_norm, state.count)  # unrounded: float64 updates clip in float64
         norm = global_norm(updates, axis_name)
         updates, clipped = clip_to_norm(updates, norm, bound)
-        record = ClipRecord(*(jnp.asarray(x, jnp.float32) for x in (norm, bound)), clipped)
+        record = state.record.next(norm, bound, clipped)
         return updates, ClipState(optax.safe_increment(state.count), record)
 
     return gradient_transformation(init, update)
@@ -177,7 +177,7 @@ def _per_leaf_clip(
 
         updates, stats = tree_map_unzip(leaf, updates, state.record.leaves, n=2, per_shape=False)
         norm = stack_units(jax.tree.leaves(stats), jnp.float32)
-        record = ClipRecord(norm, bound, norm > bound, state.record.leaves)
+        record = state.record.next(norm, bound, norm > bound)
         return updates, ClipState(optax.safe_increment(state.count), record)
 
     return gradient_transformation(init, update)
@@ -378,7 +378,7 @@ def adaptive_grad_clip(
                 rules[key] = once_per_shape(rule, g_leaves)
             outs.append(rules[key](g, p, bound))
         peak = stack_units([r for _, r in outs], jnp.float32)
-        record = ClipRecord(peak, bound, peak > bound, slots)
+        record = state.record.next(peak, bound, peak > bound)
         updates = treedef.unflatten([u for u, _ in outs])
         return updates, AdaptiveGradClipState(optax.safe_increment(state.count), record)
 

@@ -102,7 +102,7 @@ def read_health(opt_state: Any) -> dict[str, float]:
       >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.sgd(0.1))
       >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init({"w": jnp.zeros(2)}))
       >>> gx.read_health(state)
-      {'clip/norm': 5.0, 'clip/threshold': 1.0, 'clip/clipped': 1.0}
+      {'clip/norm': 5.0, 'clip/threshold': 1.0, 'clip/clipped': 1.0, 'clip/clipped_total': 1.0}
     """
     out: dict[str, float] = {}
     fetched = _fetched_records(opt_state)
@@ -117,8 +117,9 @@ def read_health(opt_state: Any) -> dict[str, float]:
                 if field in _UNLOGGED or value is None:  # None: a nested record, read apart
                     continue
                 if isinstance(value, ClipRecord):
-                    for sub in ("norm", "threshold", "clipped"):
-                        slots = None if sub == "threshold" else value.leaves  # per-leaf clips
+                    for sub in ("norm", "threshold", "clipped", "clipped_total"):
+                        per_leaf = sub in ("norm", "clipped")  # per-leaf clips: per leaf
+                        slots = value.leaves if per_leaf else None
                         _flat(f"{name}/{sub}", getattr(value, sub), out, slots)
                 elif isinstance(value, Moments):
                     out[f"{name}/{field}_mean"] = _scalar(value.mean)

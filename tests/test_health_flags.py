@@ -95,6 +95,38 @@ def test_a_state_without_a_health_record_is_an_error_not_a_pass(read):
 
 def test_assert_healthy_needs_a_health_record_beside_a_clip():
     state = gx.chain(gx.clip_by_global_norm(1.0), gx.sgd(0.1)).init({"w": jnp.ones(2)})
-    assert set(gx.read_health(state)) == {"clip/norm", "clip/threshold", "clip/clipped"}
+    assert set(gx.read_health(state)) == {
+        "clip/norm",
+        "clip/threshold",
+        "clip/clipped",
+        "clip/clipped_total",
+    }
     with pytest.raises(ValueError, match=r"no health record \(it holds only clip records"):
         gx.assert_healthy(state)
+
+
+@pytest.mark.parametrize(
+    "tx, kind",
+    [
+        (gx.clip(1.0), "clip"),
+        (gx.clip_by_global_norm(1.0), "clip"),
+        (gx.clip_by_leaf_norm(1.0), "clip"),
+        (gx.clip_by_block_rms(1.0), "clip"),
+        (gx.adaptive_grad_clip(0.5), "agc"),
+    ],
+    ids=["value", "global_norm", "leaf_norm", "block_rms", "agc"],
+)
+def test_every_clip_records_each_step_it_acted_and_its_total(tx, kind):
+    """Per step `<kind>/clipped` (per leaf for per-leaf clips), and `<kind>/clipped_total`
+    counting the steps on which anything was clipped."""
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    state, totals = tx.init(params), []
+    for t in range(5):
+        scale = 10.0 if t in (1, 3) else 0.01
+        _, state = tx.update(jax.tree.map(lambda p, s=scale: s * p, params), state, params)
+        read = gx.read_health(state)
+        acted = any(v for k, v in read.items() if k.startswith(f"{kind}/clipped/") or
+                    k == f"{kind}/clipped")  # fmt: skip
+        assert acted == (t in (1, 3)), (t, read)
+        totals.append(read[f"{kind}/clipped_total"])
+    assert totals == [0.0, 1.0, 1.0, 2.0, 2.0]
