@@ -26,7 +26,7 @@ from gradxform._checks import (
 from gradxform._moments import LOG_NORM_MIN_STD
 from gradxform._records import leaf_layers
 from gradxform._stats import LeafStats, leaf_statistics
-from gradxform._tree import scale_leaf
+from gradxform._tree import once_per_shape, scale_leaf
 from gradxform.clipping import adaptive_grad_clip
 from gradxform.telemetry import (
     HealthRule,
@@ -190,8 +190,8 @@ def stable(
         stats = leaf_statistics(leaves, p, zeros=False, layers=layers)
         decision = _decide(state.health, stats, extra_args.get("loss"), rule)
         skip = decision.skip
-        zeroed = lambda x, f: jnp.where(skip, jnp.zeros_like(x), scale_leaf(x, f))
-        grads = jax.tree.map(lambda g: zeroed(g, decision.factor), grads)
+        zeroed = once_per_shape(_zero_or_scale, leaves)  # traced once per leaf shape
+        grads = jax.tree.map(lambda g: zeroed(g, skip, decision.factor), grads)
         updates, inner_state = optimizer.update(grads, state.inner, params, **extra_args)
         acted = decision.spike | (decision.factor < 1)  # a finite step clipped or skipped
         step_scale = _step_scale(state.step_scale, acted & (state.calm < RECENT), skip, rule)
@@ -200,7 +200,7 @@ def stable(
             # `* one` (exactly 1) makes the update depend on the params' sums: XLA then reads
             # the params before `apply_updates` overwrites them in place, instead of copying.
             scale *= 1.0 + 0.0 * jnp.isfinite(jnp.sum(stats.p_sq)).astype(jnp.float32)
-        updates = jax.tree.map(lambda u: zeroed(u, scale), updates)
+        updates = jax.tree.map(lambda u: zeroed(u, skip, scale), updates)
         accepted = stats.finite & jnp.isfinite(decision.absorbed)
         count_if = lambda total, cond: jnp.where(cond, optax.safe_increment(total), total)
         clipped = (decision.factor < 1) & ~skip
@@ -219,6 +219,11 @@ def stable(
         return updates, new_state
 
     return gradient_transformation(init, update, extra_args=True)
+
+
+def _zero_or_scale(x: jax.Array, skip: jax.Array, factor: jax.Array) -> jax.Array:
+    """0 on a skipped step (NaN included), else `x * factor` (in float32, one rounding)."""
+    return jnp.where(skip, jnp.zeros_like(x), scale_leaf(x, factor))
 
 
 def _decide(record: HealthState, stats: LeafStats, loss: Any, rule: _Rule) -> _Decision:
