@@ -93,7 +93,8 @@ def stable(
 
     One pass over the gradient (and the params, for telemetry) gives each leaf's squared norm
     and its count of NaN/inf. From the running moments of log ||g|| (mean m, std s >= 0.25,
-    over the accepted steps after a warm-up of `warmup_steps`), each step:
+    exact over a warm-up of `warmup_steps`, then with a 10-step memory (decay 0.9), so that a
+    norm drifting down over training does not inflate the spread and hide a spike), each step:
 
       skip   if g (or `loss=`, when passed to `update`) holds NaN/inf, or
              z = (log||g|| - m) / s > norm_z, or ||g|| > max_norm_ratio * e**m (from the
@@ -166,7 +167,7 @@ def stable(
         norm_z, max_norm_ratio, max_norm, z_thresh, backoff, recovery_steps,
         health_rule(
             z_threshold=norm_z, max_norm=max_norm, max_growth=max_norm_ratio,
-            warmup_steps=warmup_steps, decay=0.99, baseline_decay=0.999,
+            warmup_steps=warmup_steps, decay=0.9, baseline_decay=0.999,
             vanishing_fraction=1e-3, ratio_floor=0.0, patience=20, dead_after=3, stacked=stacked,
         ),
     )  # fmt: skip
