@@ -219,6 +219,10 @@ def _draw_update_ratios(mpl, fig, ax, cax, steps, columns, record) -> None:
         )
     else:
         cax.set_axis_off()
+        ax.text(
+            0.5, 0.5, "update ratios not recorded (gx.stable reads no updates: see health(opt))",
+            transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.4",
+        )  # fmt: skip
     ax.set_ylabel("||update|| / ||param||")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
