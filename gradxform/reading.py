@@ -20,7 +20,7 @@ from gradxform._checks import leaf_name
 from gradxform._moments import Moments
 from gradxform._records import ClipRecord, find_states, telemetry_records, unit_names
 from gradxform._tree import global_norm
-from gradxform.telemetry import HealthState
+from gradxform.telemetry import NOT_MEASURED, HealthState
 
 
 def _fetched_records(opt_state: Any, needs: str = "telemetry") -> list[tuple[str, Any]]:
@@ -139,10 +139,10 @@ def _read_health_record(name: str, record: HealthState, out: dict[str, float]) -
     """A health record's scalars, per-leaf norms and (where measured) update ratios."""
     for field in _HEALTH_SCALARS:
         value = _scalar(getattr(record, field))
-        if not (field == "zero_fraction" and math.isnan(value)):  # `stable` does not count
+        if not (field == "zero_fraction" and value == NOT_MEASURED):  # `stable` does not count
             out[f"{name}/{field}"] = value
     _flat(f"{name}/grad_norm", record.leaf_norms, out, record.leaves)
-    if not np.all(np.isnan(record.update_ratios)):  # `stable` does not measure them
+    if not np.all(record.update_ratios == NOT_MEASURED):  # `stable` does not measure them
         _flat(f"{name}/update_ratio", record.update_ratios, out, record.leaves)
 
 

@@ -42,7 +42,7 @@ from gradxform._stats import LeafStats, leaf_statistics
 # kernels read: 20 scalars cost about 50 kernels a step, two vectors a few.
 _FLOATS = (
     "global_norm",  # ||g|| of the incoming gradient this step
-    "zero_fraction",  # fraction of gradient values exactly 0 (NaN: not counted, in `stable`)
+    "zero_fraction",  # fraction of gradient values exactly 0 (`NOT_MEASURED` in `stable`)
     "z_score",  # z-score of log ||g|| against the running moments
     "growth",  # ||g|| / exp(baseline mean): how far the norm has climbed
     "log_norm_mean", "log_norm_var",  # running moments of log ||g|| over finite steps
@@ -62,6 +62,12 @@ _INTS = (
     "exploding",  # (bool) z-score, growth or absolute bound exceeded, or non-finite
     "vanishing",  # (bool) some leaf vanishing for `patience` steps, or dead for `dead_after`
 )  # fmt: skip
+
+
+# A statistic the record's owner did not compute (`stable` reads no updates and counts no
+# zeros): negative, so no measured value is mistaken for it, and finite, so states compare
+# equal to themselves (a NaN would not) after a checkpoint round trip.
+NOT_MEASURED = -1.0
 
 
 def _packed(vector: str, name: str, kind: Any = None) -> property:
@@ -89,7 +95,7 @@ class HealthState(NamedTuple):
     ints: jax.Array  # int32 counters and flags, packed: read them by name (`state.exploding`)
     leaves: Any  # `leaf_slots(params, stacked)`: names the vectors' entries (holds no buffer)
     leaf_norms: jax.Array  # float32[leaves]: ||g_l||
-    update_ratios: jax.Array  # float32[leaves]: ||u_l|| / ||p_l||; NaN where not measured
+    update_ratios: jax.Array  # float32[leaves]: ||u_l|| / ||p_l||; `NOT_MEASURED` in `stable`
     vanishing_leaves: jax.Array  # bool[leaves]: below the vanishing bounds, or dead, this step
     live_leaves: jax.Array  # bool[leaves]: the leaf's gradient was non-zero on some step
     inner: Any  # the wrapped transform's state (EmptyState when used stand-alone)
@@ -309,7 +315,7 @@ def next_health(
     nonfinite_params = 0 if stats.p_sq is None else jnp.sum(~jnp.isfinite(stats.p_sq))
     floats = dict(
         global_norm=norm,
-        zero_fraction=jnp.nan
+        zero_fraction=NOT_MEASURED
         if stats.zeros is None
         else jnp.sum(stats.zeros) / jnp.maximum(stats.total, 1),
         z_score=z,
@@ -382,7 +388,7 @@ def vanishing(state: HealthState, stats: LeafStats, rule: HealthRule):
 
 
 def _update_ratios(stats: LeafStats) -> jax.Array:
-    """||u_l|| / ||p_l|| per leaf, or NaN where the updates were not measured."""
+    """||u_l|| / ||p_l|| per leaf, or `NOT_MEASURED` without the updates."""
     if stats.u_sq is None or stats.p_sq is None:
-        return jnp.full(stats.sq.shape, jnp.nan, jnp.float32)
+        return jnp.full(stats.sq.shape, NOT_MEASURED, jnp.float32)
     return jnp.sqrt(stats.u_sq) / jnp.maximum(jnp.sqrt(stats.p_sq), 1e-30)
