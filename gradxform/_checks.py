@@ -216,3 +216,13 @@ def check_same_structure(tree: PyTree, ref: PyTree, name: str, ref_name: str) ->
                 f"`{name}` leaf {path_name(path)!r} has shape {np.shape(leaf)} but `{ref_name}` "
                 f"has {np.shape(ref_leaf)}; shapes must match exactly (no broadcasting)."
             )
+
+
+def scalar_loss(loss: Any) -> jax.Array:
+    """The `loss=` a guard's `update` was given, as a float32 scalar; an error names `loss`
+    unless it is one value (the step's mean loss)."""
+    if np.shape(loss) != ():
+        raise ValueError(
+            f"`loss` must be a scalar (the mean loss of the step), got shape {np.shape(loss)}."
+        )
+    return jnp.asarray(loss, jnp.float32)

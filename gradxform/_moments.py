@@ -41,10 +41,15 @@ def moments_update(m: Moments, x: jax.Array, decay: float, warmup: int, accept=T
 LOG_NORM_MIN_STD = 0.25
 
 
-def moments_zscore(m: Moments, x: jax.Array, warmup: int, min_std: float = 1e-6) -> jax.Array:
-    """`(x - mean) / max(std, min_std)`, or 0 before `warmup` observations (no basis yet).
+def moments_std(m: Moments, min_std: float = 1e-6) -> jax.Array:
+    """`max(std, min_std)`: the spread z-scores divide by.
 
     `min_std` keeps a very steady history from turning a small wobble into a large z-score.
     """
-    z = (x - m.mean) / jnp.maximum(jnp.sqrt(jnp.maximum(m.var, 0.0)), min_std)
+    return jnp.maximum(jnp.sqrt(jnp.maximum(m.var, 0.0)), min_std)
+
+
+def moments_zscore(m: Moments, x: jax.Array, warmup: int, min_std: float = 1e-6) -> jax.Array:
+    """`(x - mean) / moments_std(m, min_std)`, or 0 before `warmup` observations (no basis)."""
+    z = (x - m.mean) / moments_std(m, min_std)
     return jnp.where(m.n >= warmup, z, 0.0)

@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gradxform._base import (
@@ -21,7 +20,13 @@ from gradxform._base import (
     gradient_transformation,
     step_counter,
 )
-from gradxform._checks import check_integer, check_positive, check_range, check_transform
+from gradxform._checks import (
+    check_integer,
+    check_positive,
+    check_range,
+    check_transform,
+    scalar_loss,
+)
 from gradxform._moments import LOG_NORM_MIN_STD
 from gradxform._records import telemetry_records
 from gradxform._tree import global_norm, scale_leaf
@@ -156,12 +161,7 @@ def skip_if(
         loss_spike = jnp.zeros([], bool)
         loss_value = jnp.zeros([], jnp.float32)
         if loss is not None:
-            if np.shape(loss) != ():
-                raise ValueError(
-                    f"`loss` must be a scalar (the mean loss of the step), got shape "
-                    f"{np.shape(loss)}."
-                )
-            loss_value = jnp.asarray(loss, jnp.float32)
+            loss_value = scalar_loss(loss)
             if nonfinite:
                 bad |= ~jnp.isfinite(loss_value)
             if loss_z is not None:
