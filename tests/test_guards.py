@@ -21,13 +21,19 @@ def grads(t, scale=1.0):
     return {"w": scale * jax.random.normal(k1, (6,)), "b": scale * jax.random.normal(k2, (2,))}
 
 
+def close_to_scale(a, b):
+    """Equal to float32 rounding: 1e-6 of the leaf's largest element (the guard's select may
+    change which operations XLA fuses into an FMA, moving a tiny element by an ulp of the big)."""
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(b))))
+
+
 def test_healthy_steps_pass_through_unchanged():
     tx, ref = gx.skip_if(gx.adam(1e-2), warmup_steps=5), gx.adam(1e-2)
     s, r = tx.init(PARAMS), ref.init(PARAMS)
     for t in range(30):
         u, s = jax.jit(tx.update)(grads(t), s, PARAMS)
         v, r = jax.jit(ref.update)(grads(t), r, PARAMS)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u, v)
+        jax.tree.map(close_to_scale, u, v)
     assert int(s.skipped_nonfinite + s.skipped_norm + s.skipped_loss) == 0
 
 

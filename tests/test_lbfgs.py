@@ -404,8 +404,10 @@ def test_benchmark_quick_mode_writes_the_claimed_columns(tmp_path):
         )
         assert row["compile_s"] >= 0 and row["steady_ms"] > 0 and row["eval_floor_ms"] > 0
     ours, _, theirs = saved["rows"]
-    assert ours["value"] == pytest.approx(theirs["value"], rel=1e-9, abs=1e-20)
-    assert ours["fun_evals"] == theirs["fun_evals"]  # same maths, same points
+    # Same maths, same points: the evaluation counts agree exactly. The minima themselves sit at
+    # the rounding floor (~1e-16), where an FMA more or less in the compiled program decides.
+    assert ours["value"] == pytest.approx(theirs["value"], rel=1e-9, abs=1e-12)
+    assert ours["fun_evals"] == theirs["fun_evals"]
     assert len(saved["goals"]) == 3 and saved["machine"]["scipy"]
     table = (tmp_path / "lbfgs.md").read_text()
     assert table.startswith("| problem | solver | final value | iterations | f evals |")
