@@ -25,7 +25,13 @@ def _env(devices: int) -> dict[str, str]:
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        # conftest's cheaper compile flags, with this test's own device count
+        "XLA_FLAGS": " ".join(
+            f"--xla_force_host_platform_device_count={devices}"
+            if flag.startswith("--xla_force_host_platform_device_count")
+            else flag
+            for flag in os.environ["XLA_FLAGS"].split()
+        ),
     }
 
 
