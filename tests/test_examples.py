@@ -301,6 +301,15 @@ def _write_mnist(folder: Path, n_train: int = 64, n_test: int = 16, size: int = 
     return arrays
 
 
+def test_bundled_digits_are_scikit_learns_load_digits():
+    from sklearn.datasets import load_digits
+
+    x, y = data._digits_arrays()  # read from the CSV, without importing scikit-learn
+    digits = load_digits()
+    np.testing.assert_array_equal(x, digits.data)
+    np.testing.assert_array_equal(y, digits.target)
+
+
 def test_idx_reader_reads_plain_and_gzipped_mnist_files(tmp_path):
     arrays = _write_mnist(tmp_path)
     np.testing.assert_array_equal(
