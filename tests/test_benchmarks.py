@@ -59,3 +59,24 @@ def test_parameter_trees_have_the_advertised_leaves_and_sizes():
     stacked = performance.transformer_like(n)
     assert performance.count(stacked) == pytest.approx(n, rel=0.05)
     assert stacked["layers"]["qkv"]["kernel"][0] == 12
+
+
+@pytest.mark.parametrize("telemetry", [True, False])
+def test_guard_cost_compares_stable_with_the_chain_it_guards(tmp_path, telemetry):
+    from benchmarks import guard_cost
+
+    flags = [] if telemetry else ["--no-telemetry"]
+    argv = ["--params", "2e4", "--repeats", "2", "--trees", "1 leaf", "--out", str(tmp_path)]
+    result = guard_cost.main(argv + flags)
+    saved = json.loads((tmp_path / "guard_cost.json").read_text())
+    assert saved["meta"]["telemetry"] is telemetry
+    assert [(c["tree"], c["donate"]) for c in saved["cases"]] == [
+        ("1 leaf", True),
+        ("1 leaf", False),
+    ]
+    for case in result["cases"]:
+        ratio = case["step_ms"]["stable(adamw)"] / case["step_ms"]["clip+adamw"]
+        assert case["step_ratio"] == pytest.approx(ratio) and case["compile_ratio"] > 0
+    table = (tmp_path / "guard_cost.md").read_text()
+    assert ("telemetry=False" in table) is not telemetry
+    assert set(saved["goals"]) == {"step_ratio", "compile_ratio_1000_leaves", "temp_fraction"}
