@@ -181,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bar (when stderr is not a terminal: a line per tenth of the run)",
     )
+    g.add_argument(
+        "--no-plots", action="store_true", help="no curves.png and grad_norms.png at the end"
+    )
     return p
 
 
@@ -254,7 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         summary = train.train_and_evaluate(
-            cfg, run_dir, resume=resume, progress=not getattr(args, "no_progress", False)
+            cfg,
+            run_dir,
+            resume=resume,
+            progress=not getattr(args, "no_progress", False),
+            plot=not getattr(args, "no_plots", False),
         )
     except runlog.InstabilityError as e:
         print(f"\nstopped: {e}\n(see {run_dir}/metrics.jsonl and grad_norms.png)", file=sys.stderr)

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300  # a hung collective fails the test instead of blocking CI
 TINY = ["--model", "mlp", "--depth", "1", "--width", "16", "--batch-size", "32", "--lr", "0.01",
         "--lr-schedule", "constant", "--warmup", "0", "--log-every", "1", "--eval-every", "2",
-        "--checkpoint-every", "2", "--parallel", "sharded", "--no-progress"]  # fmt: skip
+        "--checkpoint-every", "2", "--parallel", "sharded", "--no-progress",
+        "--no-plots"]  # fmt: skip
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -80,7 +81,9 @@ def test_two_processes_share_one_run_dir_resume_and_match_one_process(tmp_path):
     _two_hosts(*TINY, "--steps", "4", "--run-dir", str(shared))
     summary = json.loads((shared / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 2 and summary["steps_done"] == 4
-    _two_hosts("--resume", str(shared), "--steps", "6", "--no-progress")  # and train longer
+    _two_hosts(
+        "--resume", str(shared), "--steps", "6", "--no-progress", "--no-plots"
+    )  # and train longer
     summary = json.loads((shared / "summary.json").read_text())
     assert summary["resumed_from"] == 4 and summary["steps_done"] == 6
 

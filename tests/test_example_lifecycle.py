@@ -77,7 +77,7 @@ def _summary(path: Path) -> dict:
 def test_every_bad_flag_is_one_line_naming_it_and_nothing_is_created(
     flags, message, tmp_path, capsys
 ):
-    status = main.main([*flags, "--run-dir", str(tmp_path / "run"), "--no-progress"])
+    status = main.main([*flags, "--run-dir", str(tmp_path / "run"), "--no-progress", "--no-plots"])
     err = capsys.readouterr().err
     assert status == 2
     assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
@@ -99,8 +99,19 @@ def test_default_warmup_fits_short_runs():
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("whole") / "run"
-    assert main.main([*CLI, "--steps", "6", "--run-dir", str(path), "--no-progress"]) == 0
+    assert (
+        main.main([*CLI, "--steps", "6", "--run-dir", str(path), "--no-progress", "--no-plots"])
+        == 0
+    )
     return path
+
+
+def test_no_plots_leaves_out_the_pngs_only(uninterrupted, tmp_path):
+    assert (uninterrupted / "summary.json").is_file()
+    assert not list(uninterrupted.glob("*.png"))
+    path = tmp_path / "plotted"
+    assert main.main([*CLI, "--steps", "2", "--run-dir", str(path), "--no-progress"]) == 0
+    assert sorted(p.name for p in path.glob("*.png")) == ["curves.png", "grad_norms.png"]
 
 
 def test_ctrl_c_saves_a_checkpoint_writes_summary_and_prints_the_resume_command(
@@ -115,7 +126,10 @@ def test_ctrl_c_saves_a_checkpoint_writes_summary_and_prints_the_resume_command(
 
     monkeypatch.setattr(data, "batch", batch)
     path = tmp_path / "run"
-    assert main.main([*CLI, "--steps", "6", "--run-dir", str(path), "--no-progress"]) == 130
+    assert (
+        main.main([*CLI, "--steps", "6", "--run-dir", str(path), "--no-progress", "--no-plots"])
+        == 130
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"--resume {path}" in err and "at step 3" in err
     assert (path / "checkpoints" / "step_00000003.msgpack").is_file()  # --checkpoint-every 0
@@ -123,14 +137,14 @@ def test_ctrl_c_saves_a_checkpoint_writes_summary_and_prints_the_resume_command(
     assert summary["status"] == "interrupted" and summary["steps_done"] == 3
 
     monkeypatch.setattr(data, "batch", real_batch)
-    assert main.main(["--resume", str(path), "--no-progress"]) == 0
+    assert main.main(["--resume", str(path), "--no-progress", "--no-plots"]) == 0
     assert (path / "metrics.jsonl").read_bytes() == (uninterrupted / "metrics.jsonl").read_bytes()
     assert _summary(path)["status"] == "completed" and _summary(path)["resumed_from"] == 3
 
 
 def test_resume_may_train_longer_but_not_change_the_numbers(uninterrupted, tmp_path, capsys):
     path = tmp_path / "run"
-    short = [*CLI, "--steps", "4", "--checkpoint-every", "2", "--no-progress"]
+    short = [*CLI, "--steps", "4", "--checkpoint-every", "2", "--no-progress", "--no-plots"]
     assert main.main([*short, "--run-dir", str(path)]) == 0
     assert main.main(["--resume", str(path), "--steps", "4"]) == 2
     assert "`--steps` 4 must exceed the checkpoint's step 4" in capsys.readouterr().err
@@ -139,7 +153,7 @@ def test_resume_may_train_longer_but_not_change_the_numbers(uninterrupted, tmp_p
     # A cut-off last line (the disk filled up after the checkpoint) is dropped on resume.
     with open(path / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.2')
-    assert main.main(["--resume", str(path), "--steps", "6", "--no-progress"]) == 0
+    assert main.main(["--resume", str(path), "--steps", "6", "--no-progress", "--no-plots"]) == 0
     assert Config.load(path / "config.json").steps == 6  # the next resume knows the length
     # A constant schedule: extending equals asking for 6 steps from the start (but for the
     # evaluation at the end of the first part).
@@ -164,7 +178,7 @@ def test_metrics_reader_drops_only_a_torn_last_line(tmp_path):
 def test_run_that_skips_every_step_says_failed_and_exits_1(tmp_path, capsys):
     path = tmp_path / "run"
     flags = ["--on-instability", "skip", "--max-grad-norm", "1e-6", "--steps", "4"]
-    assert main.main([*CLI, *flags, "--run-dir", str(path), "--no-progress"]) == 1
+    assert main.main([*CLI, *flags, "--run-dir", str(path), "--no-progress", "--no-plots"]) == 1
     summary = _summary(path)
     assert summary["status"] == "failed" and summary["skipped_steps"] == 4
     assert summary["health"].startswith("FAILED: ")
@@ -202,7 +216,7 @@ def test_stop_writes_summary_and_exits_1(tmp_path, capsys):
     path = tmp_path / "run"
     flags = ["--optimizer", "sgd", "--lr", "30", "--momentum", "0.9", "--max-grad-norm", "10"]
     flags += ["--clip-global-norm", "1.0", "--steps", "6"]
-    assert main.main([*CLI, *flags, "--run-dir", str(path), "--no-progress"]) == 1
+    assert main.main([*CLI, *flags, "--run-dir", str(path), "--no-progress", "--no-plots"]) == 1
     err = capsys.readouterr().err
     assert "stopped: Gradient explosion" in err and "`--clip-global-norm 1.0`" not in err
     assert _summary(path)["status"] == "stopped"
