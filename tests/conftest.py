@@ -13,12 +13,13 @@ import os
 import shutil
 import tempfile
 
-# Eight virtual CPU devices, and a cheaper XLA:CPU compile. The suite compiles ~10,000 small
+# Eight virtual CPU devices, and a cheaper XLA:CPU compile. The suite compiles thousands of small
 # programs (every eager op of every case is one), and on those XLA:CPU's compile, not the run,
 # is the time: with the older loop emitters and LLVM at -O0 a small program compiles in about
 # half the time, and the suite takes half the CPU (1310 s -> 590 s on the 2-core machine). The
 # programs compute the same maths; only instruction selection differs (an FMA here or there:
-# tolerances are relative to each leaf's scale). A flag the caller already set is kept.
+# tolerances are relative to each leaf's scale); tests/test_default_codegen.py runs optax parity
+# through XLA's default pipeline. A flag the caller already set is kept.
 _XLA_FLAGS = {
     "--xla_force_host_platform_device_count": "8",
     "--xla_cpu_use_fusion_emitters": "false",
