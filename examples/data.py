@@ -105,9 +105,8 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from its CSV without importing scikit-learn (2 s of imports, half of a short run's time);
     through `load_digits` where that file is not found."""
     spec = importlib.util.find_spec("sklearn")
-    roots = spec.submodule_search_locations if spec else None
-    path = Path(next(iter(roots or ["."]))) / "datasets" / "data" / "digits.csv.gz"
-    if not path.is_file():
+    path = spec and spec.origin and Path(spec.origin).parent / "datasets/data/digits.csv.gz"
+    if not (path and path.is_file()):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
