@@ -194,7 +194,8 @@ def stable(
         p = treedef.flatten_up_to(params) if with_params else None
         layers = leaf_layers(state.health.leaves)
         stats = leaf_statistics(leaves, p, zeros=False, layers=layers)
-        decision = _decide(state.health, stats, extra_args.get("loss"), rule)
+        backing_off = state.step_scale < 1
+        decision = _decide(state.health, stats, extra_args.get("loss"), rule, backing_off)
         skip = decision.skip
         zeroed = once_per_shape(_zero_or_scale, leaves)  # traced once per leaf shape
         grads = jax.tree.map(lambda g: zeroed(g, skip, decision.factor), grads)
@@ -232,8 +233,15 @@ def _zero_or_scale(x: jax.Array, skip: jax.Array, factor: jax.Array) -> jax.Arra
     return jnp.where(skip, jnp.zeros_like(x), scale_leaf(x, factor))
 
 
-def _decide(record: HealthState, stats: LeafStats, loss: Any, rule: _Rule) -> _Decision:
-    """Skip, clip and what the moments absorb, from this step's norm and the running moments."""
+def _decide(
+    record: HealthState, stats: LeafStats, loss: Any, rule: _Rule, backing_off: jax.Array
+) -> _Decision:
+    """Skip, clip and what the moments absorb, from this step's norm and the running moments.
+
+    While `backing_off` (step scale below 1: a trend was seen) the spread is not trusted, as
+    the instability itself inflates it: a finite step is clipped at `_tight_bound`, not
+    skipped as a spike (`max_norm` aside), and the moments take in at most that bound.
+    """
     norm, finite = stats.norm, stats.finite
     if loss is not None:
         finite &= jnp.isfinite(scalar_loss(loss))
@@ -246,17 +254,29 @@ def _decide(record: HealthState, stats: LeafStats, loss: Any, rule: _Rule) -> _D
         above = moments.mean + jnp.log(rule.max_norm_ratio)
         ratio_bound = jnp.where(moments.n >= 1, above, jnp.inf)
         spike |= log_norm > ratio_bound
+    spike &= ~backing_off
     if rule.max_norm is not None:
         spike |= norm > rule.max_norm
     spike &= finite
     std = moments_std(moments, LOG_NORM_MIN_STD)
     warm = moments.n >= rule.health.warmup_steps
     log_bound = jnp.where(warm, moments.mean + rule.z_thresh * std, jnp.inf)
+    tight = jnp.where(moments.n >= 1, _tight_bound(moments.mean, rule), jnp.inf)
+    log_bound = jnp.where(backing_off, jnp.minimum(log_bound, tight), log_bound)
     factor = jnp.where(finite, jnp.exp(jnp.minimum(log_bound - log_norm, 0.0)), 1.0)
     # A spike in the warm-up enters the moments at the ratio bound: a lasting jump is followed.
     absorbed = jnp.minimum(log_norm, jnp.minimum(log_bound, ratio_bound))
     absorbed = jnp.where(finite, absorbed, jnp.nan)
     return _Decision(~finite | spike, spike, factor, jnp.exp(log_bound), absorbed)
+
+
+def _tight_bound(log_level: jax.Array, rule: _Rule) -> jax.Array:
+    """The log clip bound while backing off: the running level times e**(z_thresh * 0.25)
+    (2.7x at the default), the floor spread in place of the measured one. The moments then
+    take in at most this, so their level rises at most e**0.1 per step (decay 0.9) and a
+    divergence cannot drag the bound up after it, while a lasting change of scale is still
+    followed (e-fold in ten steps)."""
+    return log_level + rule.z_thresh * LOG_NORM_MIN_STD
 
 
 def _step_scale(scale: jax.Array, trend: jax.Array, skip: jax.Array, rule: _Rule) -> jax.Array:
