@@ -105,7 +105,13 @@ def stable(
       scale  the update by `step_scale`: halved (`backoff`) when the guard clips or skips a
              finite step for the second time within 10 steps (a trend: a learning rate too
              high), and doubling back to 1 over `recovery_steps` accepted steps; a lone spike
-             (a bad batch) leaves it alone, and on a healthy run it stays 1.
+             (a bad batch) leaves it alone, and on a healthy run it stays 1;
+      while  backing off (step_scale < 1) the spread is not trusted, as the instability
+             itself inflates it: the clip bound is e**(m + z_thresh * 0.25) (2.7x the
+             running level at the default), a finite spike is clipped to it rather than
+             skipped (`max_norm` aside), and the moments take in at most that bound, so
+             their level rises at most e**0.1 a step instead of running up with a diverging
+             norm and letting it through unclipped.
 
     The moments take in the clipped log-norm of every finite step, so a lasting change of
     scale is followed (a few dozen steps) rather than skipped for ever. `health`'s record
