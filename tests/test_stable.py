@@ -167,7 +167,7 @@ def test_a_divergence_with_momentum_is_clipped_not_followed(lr):
     plain, _, _ = _run(opt, loss, params, 400)
     guarded, state, records = _run(gx.stable(opt), loss, params, 400)
     assert not float(loss(plain)) < 1e10
-    assert float(loss(guarded)) < 1e-6 and int(state.clipped_total) > 0
+    assert float(loss(guarded)) < 1e-4 and int(state.clipped_total) > 0  # from 5.5
     assert float(jnp.max(records["stable"].step_scale)) <= 1
 
 
@@ -191,6 +191,30 @@ def test_while_backing_off_the_threshold_rises_at_most_e_to_the_0_1_per_step():
     rise = threshold[off[1:]] / threshold[off[:-1]]
     assert (rise <= np.exp(0.1) * (1 + 1e-5)).all(), rise.max()
     assert update.max() < 200 * update[:30].mean()
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "student-t(3)"])
+def test_a_noisy_run_recovers_its_step_scale_after_a_trend(noise):
+    """Two bad batches 3 steps apart (a trend) on a run whose log ||g|| spreads by 1.0, as a
+    healthy SGD run late in training does: while the scale is below 1 the tight bound (2.7x)
+    clips a sixth of the steps, but those precautionary clips are no trend of their own, so
+    the scale doubles back to 1 as usual (it was held at 1/16 when they counted)."""
+    key = jax.random.key(1)
+
+    def grad_fn(params, t):
+        k_noise, k_dir = jax.random.split(jax.random.fold_in(key, t))
+        e = jax.random.normal(k_noise)
+        if noise != "gaussian":
+            e = jax.random.t(k_noise, 3.0) / jnp.sqrt(3.0)
+        bad = jnp.where((t == 300) | (t == 303), 1e3, 1.0)
+        direction = jax.random.normal(k_dir, (16,))
+        return {"w": bad * jnp.exp(e) * direction / jnp.linalg.norm(direction)}
+
+    tx = gx.stable(gx.sgd(1e-3, momentum=0.9))
+    _, _, records = _run(tx, None, {"w": jnp.zeros(16)}, 1500, grad_fn)
+    scale = np.asarray(records["stable"].step_scale)
+    assert (scale[:303] == 1).all() and scale[303] == 0.5
+    assert (scale[-300:] == 1).all(), scale[-300:].min()
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "student-t(3)"])
