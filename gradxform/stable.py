@@ -113,7 +113,9 @@ def stable(
              running level at the default), a finite spike is clipped to it rather than
              skipped (`max_norm` aside), and the moments take in at most that bound, so
              their level rises at most e**0.1 a step instead of running up with a diverging
-             norm and letting it through unclipped.
+             norm and letting it through unclipped; such a clip counts toward a trend only
+             when the usual bounds would have acted too, or 5 steps in a row (a divergence),
+             so a noisy run still recovers its scale.
 
     The moments take in the clipped log-norm of every finite step, so a lasting change of
     scale is followed (a few dozen steps) rather than skipped for ever. `health`'s record
