@@ -112,10 +112,10 @@ def stable(
              itself inflates it: the clip bound is e**(m + z_thresh * 0.25) (2.7x the
              running level at the default), a finite spike is clipped to it rather than
              skipped (`max_norm` aside), and the moments take in at most that bound, so
-             their level rises at most e**0.1 a step instead of running up with a diverging
-             norm and letting it through unclipped; such a clip counts toward a trend only
-             when the usual bounds would have acted too, or 5 steps in a row (a divergence),
-             so a noisy run still recovers its scale.
+             (after the warm-up) their level rises at most e**0.1 a step instead of running
+             up with a diverging norm and letting it through unclipped; such a clip counts
+             toward a trend only when the usual bounds would have acted too, or 5 steps in
+             a row (a divergence), so a noisy run still recovers its scale.
 
     The moments take in the clipped log-norm of every finite step, so a lasting change of
     scale is followed (a few dozen steps) rather than skipped for ever. `health`'s record
@@ -290,9 +290,9 @@ def _decide(
 def _tight_bound(log_level: jax.Array, rule: _Rule) -> jax.Array:
     """The log clip bound while backing off: the running level times e**(z_thresh * 0.25)
     (2.7x at the default), the floor spread in place of the measured one. The moments then
-    take in at most this, so their level rises at most e**0.1 per step (decay 0.9) and a
-    divergence cannot drag the bound up after it, while a lasting change of scale is still
-    followed (e-fold in ten steps)."""
+    take in at most this, so after the warm-up their level rises at most e**0.1 per step
+    (decay 0.9) and a divergence cannot drag the bound up after it, while a lasting change
+    of scale is still followed (e-fold in ten steps)."""
     return log_level + rule.z_thresh * LOG_NORM_MIN_STD
 
 
