@@ -39,6 +39,7 @@ from gradxform.telemetry import (
 
 MIN_STEP_SCALE = 2.0**-4  # the step scale's floor: a learning rate 16x too high, no lower
 RECENT = 10  # a second finite clip or skip within this many steps is a trend: back off
+SUSTAINED = 5  # steps clipped in a row: a sustained excess, a trend's evidence at any bound
 
 
 class StableState(NamedTuple):
@@ -50,6 +51,7 @@ class StableState(NamedTuple):
     skipped_total: jax.Array  # int32 steps skipped so far (saturating)
     clipped_total: jax.Array  # int32 steps clipped so far (saturating)
     consecutive: jax.Array  # int32 consecutive skipped steps (a stall shows here)
+    clip_run: jax.Array  # int32 consecutive clipped steps (a sustained excess shows here)
     calm: jax.Array  # int32 steps since the guard last clipped or skipped a finite step
     threshold: jax.Array  # float32 clip threshold on ||g|| in force (inf before warm-up)
     step_scale: jax.Array  # float32 factor on the update: 1, lowered after spikes, recovering
@@ -69,7 +71,7 @@ class _Rule(NamedTuple):
 
 class _Decision(NamedTuple):
     skip: jax.Array  # bool: zero update, zero gradient to the optimizer
-    spike: jax.Array  # bool: a finite step skipped as a spike
+    alarm: jax.Array  # bool: a finite step past the usual bounds (a trend's evidence)
     factor: jax.Array  # float32 gradient scale (1: not clipped)
     threshold: jax.Array  # float32 clip threshold on ||g||
     absorbed: jax.Array  # float32 log-norm the running moments take in (clipped)
@@ -105,7 +107,15 @@ def stable(
       scale  the update by `step_scale`: halved (`backoff`) when the guard clips or skips a
              finite step for the second time within 10 steps (a trend: a learning rate too
              high), and doubling back to 1 over `recovery_steps` accepted steps; a lone spike
-             (a bad batch) leaves it alone, and on a healthy run it stays 1.
+             (a bad batch) leaves it alone, and on a healthy run it stays 1;
+      while  backing off (step_scale < 1) the spread is not trusted, as the instability
+             itself inflates it: the clip bound is e**(m + z_thresh * 0.25) (2.7x the
+             running level at the default), a finite spike is clipped to it rather than
+             skipped (`max_norm` aside), and the moments take in at most that bound, so
+             (after the warm-up) their level rises at most e**0.1 a step instead of running
+             up with a diverging norm and letting it through unclipped; such a clip counts
+             toward a trend only when the usual bounds would have acted too, or 5 steps in
+             a row (a divergence), so a noisy run still recovers its scale.
 
     The moments take in the clipped log-norm of every finite step, so a lasting change of
     scale is followed (a few dozen steps) rather than skipped for ever. `health`'s record
@@ -183,7 +193,7 @@ def stable(
         zero = lambda dtype: jnp.zeros([], dtype)
         return StableState(
             zero(bool), zero(bool), zero(jnp.int32), zero(jnp.int32), zero(jnp.int32),
-            jnp.full([], RECENT, jnp.int32),
+            zero(jnp.int32), jnp.full([], RECENT, jnp.int32),
             jnp.asarray(jnp.inf, jnp.float32), jnp.ones([], jnp.float32),
             init_health(params, rule.health, None), optimizer.init(params),
         )  # fmt: skip
@@ -194,12 +204,16 @@ def stable(
         p = treedef.flatten_up_to(params) if with_params else None
         layers = leaf_layers(state.health.leaves)
         stats = leaf_statistics(leaves, p, zeros=False, layers=layers)
-        decision = _decide(state.health, stats, extra_args.get("loss"), rule)
+        backing_off = state.step_scale < 1
+        decision = _decide(state.health, stats, extra_args.get("loss"), rule, backing_off)
         skip = decision.skip
         zeroed = once_per_shape(_zero_or_scale, leaves)  # traced once per leaf shape
         grads = jax.tree.map(lambda g: zeroed(g, skip, decision.factor), grads)
         updates, inner_state = optimizer.update(grads, state.inner, params, **extra_args)
-        acted = decision.spike | (decision.factor < 1)  # a finite step clipped or skipped
+        clipped = (decision.factor < 1) & ~skip
+        # past the usual bounds, or clipped (at the tight bound, while backing off) SUSTAINED
+        # steps in a row: a divergence, not the noise of a run that is still settling
+        acted = decision.alarm | (clipped & (state.clip_run >= SUSTAINED - 1))
         step_scale = _step_scale(state.step_scale, acted & (state.calm < RECENT), skip, rule)
         scale = step_scale
         if with_params:
@@ -209,13 +223,13 @@ def stable(
         updates = jax.tree.map(lambda u: zeroed(u, skip, scale), updates)
         accepted = stats.finite & jnp.isfinite(decision.absorbed)
         count_if = lambda total, cond: jnp.where(cond, optax.safe_increment(total), total)
-        clipped = (decision.factor < 1) & ~skip
         new_state = StableState(
             skipped=skip,
             clipped=clipped,
             skipped_total=count_if(state.skipped_total, skip),
             clipped_total=count_if(state.clipped_total, clipped),
             consecutive=count_if(state.consecutive, skip) * skip,
+            clip_run=count_if(state.clip_run, clipped) * clipped,
             calm=jnp.where(acted, 0, jnp.minimum(state.calm + 1, RECENT)),
             threshold=decision.threshold,
             step_scale=step_scale,
@@ -232,8 +246,17 @@ def _zero_or_scale(x: jax.Array, skip: jax.Array, factor: jax.Array) -> jax.Arra
     return jnp.where(skip, jnp.zeros_like(x), scale_leaf(x, factor))
 
 
-def _decide(record: HealthState, stats: LeafStats, loss: Any, rule: _Rule) -> _Decision:
-    """Skip, clip and what the moments absorb, from this step's norm and the running moments."""
+def _decide(
+    record: HealthState, stats: LeafStats, loss: Any, rule: _Rule, backing_off: jax.Array
+) -> _Decision:
+    """Skip, clip and what the moments absorb, from this step's norm and the running moments.
+
+    While `backing_off` (step scale below 1: a trend was seen) the spread is not trusted, as
+    the instability itself inflates it: a finite step is clipped at `_tight_bound`, not
+    skipped as a spike (`max_norm` aside), and the moments take in at most that bound. Only
+    a step past the usual bounds raises the `alarm` that the trend counts: the tight clip is
+    a precaution, so a run noisier than 2.7x still recovers its step scale.
+    """
     norm, finite = stats.norm, stats.finite
     if loss is not None:
         finite &= jnp.isfinite(scalar_loss(loss))
@@ -246,17 +269,31 @@ def _decide(record: HealthState, stats: LeafStats, loss: Any, rule: _Rule) -> _D
         above = moments.mean + jnp.log(rule.max_norm_ratio)
         ratio_bound = jnp.where(moments.n >= 1, above, jnp.inf)
         spike |= log_norm > ratio_bound
+    std = moments_std(moments, LOG_NORM_MIN_STD)
+    warm = moments.n >= rule.health.warmup_steps
+    usual_bound = jnp.where(warm, moments.mean + rule.z_thresh * std, jnp.inf)
+    alarm = finite & (spike | (log_norm > usual_bound))  # what the trend and `calm` count
+    spike &= ~backing_off
     if rule.max_norm is not None:
         spike |= norm > rule.max_norm
     spike &= finite
-    std = moments_std(moments, LOG_NORM_MIN_STD)
-    warm = moments.n >= rule.health.warmup_steps
-    log_bound = jnp.where(warm, moments.mean + rule.z_thresh * std, jnp.inf)
+    tight = jnp.where(moments.n >= 1, _tight_bound(moments.mean, rule), jnp.inf)
+    log_bound = jnp.where(backing_off, jnp.minimum(usual_bound, tight), usual_bound)
     factor = jnp.where(finite, jnp.exp(jnp.minimum(log_bound - log_norm, 0.0)), 1.0)
     # A spike in the warm-up enters the moments at the ratio bound: a lasting jump is followed.
     absorbed = jnp.minimum(log_norm, jnp.minimum(log_bound, ratio_bound))
     absorbed = jnp.where(finite, absorbed, jnp.nan)
-    return _Decision(~finite | spike, spike, factor, jnp.exp(log_bound), absorbed)
+    alarm |= spike  # `max_norm`
+    return _Decision(~finite | spike, alarm, factor, jnp.exp(log_bound), absorbed)
+
+
+def _tight_bound(log_level: jax.Array, rule: _Rule) -> jax.Array:
+    """The log clip bound while backing off: the running level times e**(z_thresh * 0.25)
+    (2.7x at the default), the floor spread in place of the measured one. The moments then
+    take in at most this, so after the warm-up their level rises at most e**0.1 per step
+    (decay 0.9) and a divergence cannot drag the bound up after it, while a lasting change
+    of scale is still followed (e-fold in ten steps)."""
+    return log_level + rule.z_thresh * LOG_NORM_MIN_STD
 
 
 def _step_scale(scale: jax.Array, trend: jax.Array, skip: jax.Array, rule: _Rule) -> jax.Array:
