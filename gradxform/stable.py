@@ -128,7 +128,7 @@ def stable(
     learning rate trips them: `benchmarks/stability.py` measures how often each acts). The
     step adds one read of the gradient and params to the optimizer's
     (`benchmarks/guard_cost.py`, 25M params: 1.05-1.27x the step of
-    `chain(clip_by_global_norm, adamw)` on a CPU, 1.04-1.29x on an H200, and 1.6-1.8x its
+    `chain(clip_by_global_norm, adamw)` on a CPU, 1.04-1.29x on an H200, and 1.6-2.3x its
     compile time at 1000 leaves; with `telemetry=False`, which leaves the params unread,
     1.2-1.5x the compile time). A skipped step feeds the optimizer a zero gradient instead of
     restoring its state: its moments decay for one step (Adam's `mu` by `b1`), which keeps
