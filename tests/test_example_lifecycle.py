@@ -15,6 +15,7 @@ import gradxform as gx
 from examples import config, data, main, models, runlog, train
 from examples.config import Config, UsageError
 
+QUIET = ["--no-progress", "--no-plots"]  # no progress bar, no PNGs at the end
 CLI = ["--model", "mlp", "--depth", "1", "--width", "32", "--batch-size", "64", "--lr", "0.01",
        "--lr-schedule", "constant", "--warmup", "0", "--log-every", "1",
        "--eval-every", "0"]  # fmt: skip
@@ -77,7 +78,7 @@ def _summary(path: Path) -> dict:
 def test_every_bad_flag_is_one_line_naming_it_and_nothing_is_created(
     flags, message, tmp_path, capsys
 ):
-    status = main.main([*flags, "--run-dir", str(tmp_path / "run"), "--no-progress", "--no-plots"])
+    status = main.main([*flags, "--run-dir", str(tmp_path / "run"), *QUIET])
     err = capsys.readouterr().err
     assert status == 2
     assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
@@ -99,10 +100,7 @@ def test_default_warmup_fits_short_runs():
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("whole") / "run"
-    assert (
-        main.main([*CLI, "--steps", "6", "--run-dir", str(path), "--no-progress", "--no-plots"])
-        == 0
-    )
+    assert main.main([*CLI, "--steps", "6", "--run-dir", str(path), *QUIET]) == 0
     return path
 
 
@@ -126,10 +124,7 @@ def test_ctrl_c_saves_a_checkpoint_writes_summary_and_prints_the_resume_command(
 
     monkeypatch.setattr(data, "batch", batch)
     path = tmp_path / "run"
-    assert (
-        main.main([*CLI, "--steps", "6", "--run-dir", str(path), "--no-progress", "--no-plots"])
-        == 130
-    )
+    assert main.main([*CLI, "--steps", "6", "--run-dir", str(path), *QUIET]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"--resume {path}" in err and "at step 3" in err
     assert (path / "checkpoints" / "step_00000003.msgpack").is_file()  # --checkpoint-every 0
@@ -137,14 +132,14 @@ def test_ctrl_c_saves_a_checkpoint_writes_summary_and_prints_the_resume_command(
     assert summary["status"] == "interrupted" and summary["steps_done"] == 3
 
     monkeypatch.setattr(data, "batch", real_batch)
-    assert main.main(["--resume", str(path), "--no-progress", "--no-plots"]) == 0
+    assert main.main(["--resume", str(path), *QUIET]) == 0
     assert (path / "metrics.jsonl").read_bytes() == (uninterrupted / "metrics.jsonl").read_bytes()
     assert _summary(path)["status"] == "completed" and _summary(path)["resumed_from"] == 3
 
 
 def test_resume_may_train_longer_but_not_change_the_numbers(uninterrupted, tmp_path, capsys):
     path = tmp_path / "run"
-    short = [*CLI, "--steps", "4", "--checkpoint-every", "2", "--no-progress", "--no-plots"]
+    short = [*CLI, "--steps", "4", "--checkpoint-every", "2", *QUIET]
     assert main.main([*short, "--run-dir", str(path)]) == 0
     assert main.main(["--resume", str(path), "--steps", "4"]) == 2
     assert "`--steps` 4 must exceed the checkpoint's step 4" in capsys.readouterr().err
@@ -153,7 +148,7 @@ def test_resume_may_train_longer_but_not_change_the_numbers(uninterrupted, tmp_p
     # A cut-off last line (the disk filled up after the checkpoint) is dropped on resume.
     with open(path / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.2')
-    assert main.main(["--resume", str(path), "--steps", "6", "--no-progress", "--no-plots"]) == 0
+    assert main.main(["--resume", str(path), "--steps", "6", *QUIET]) == 0
     assert Config.load(path / "config.json").steps == 6  # the next resume knows the length
     # A constant schedule: extending equals asking for 6 steps from the start (but for the
     # evaluation at the end of the first part).
@@ -178,7 +173,7 @@ def test_metrics_reader_drops_only_a_torn_last_line(tmp_path):
 def test_run_that_skips_every_step_says_failed_and_exits_1(tmp_path, capsys):
     path = tmp_path / "run"
     flags = ["--on-instability", "skip", "--max-grad-norm", "1e-6", "--steps", "4"]
-    assert main.main([*CLI, *flags, "--run-dir", str(path), "--no-progress", "--no-plots"]) == 1
+    assert main.main([*CLI, *flags, "--run-dir", str(path), *QUIET]) == 1
     summary = _summary(path)
     assert summary["status"] == "failed" and summary["skipped_steps"] == 4
     assert summary["health"].startswith("FAILED: ")
@@ -216,7 +211,7 @@ def test_stop_writes_summary_and_exits_1(tmp_path, capsys):
     path = tmp_path / "run"
     flags = ["--optimizer", "sgd", "--lr", "30", "--momentum", "0.9", "--max-grad-norm", "10"]
     flags += ["--clip-global-norm", "1.0", "--steps", "6"]
-    assert main.main([*CLI, *flags, "--run-dir", str(path), "--no-progress", "--no-plots"]) == 1
+    assert main.main([*CLI, *flags, "--run-dir", str(path), *QUIET]) == 1
     err = capsys.readouterr().err
     assert "stopped: Gradient explosion" in err and "`--clip-global-norm 1.0`" not in err
     assert _summary(path)["status"] == "stopped"
