@@ -41,3 +41,26 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 # Programs that compile in under 0.3 s are not written: most of the reuse is in the example's
 # programs (0.3-3 s), and writing every small eager-op program costs more than it saves.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+
+# pytest-xdist (`--dist loadfile`) hands each worker one module at a time, in collection order.
+# By default it orders modules by their number of tests, which leaves the few-test, long-running
+# ones (a subprocess run of the example, the default-compiler parity) for the end, where one
+# worker runs them while the other idles. Longest first (measured, seconds on one core) keeps
+# both workers busy to the end; `--no-loadscope-reorder` in pyproject.toml keeps this order.
+_LONGEST_FIRST = (
+    "test_protocol.py",  # 110
+    "test_parity.py",  # 75
+    "test_lbfgs.py",  # 45
+    "test_clients.py",  # 45
+    "test_examples.py",  # 35
+    "test_docs.py",  # 35
+    "test_examples_full_batch.py",  # 33
+    "test_distributed_example.py",  # 21: two processes
+    "test_stacked.py",  # 19
+    "test_default_codegen.py",  # 14: one subprocess
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: rest in place
