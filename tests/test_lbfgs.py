@@ -82,22 +82,23 @@ def _stateless(fn):
 
 
 # Every problem in float32; float64 (x64, where the match is to 1e-12) on the cheapest one: the
-# dtype does not change the code path, and each compile of the line search costs seconds.
+# dtype does not change the code path, and each compile of the line search costs seconds. On the
+# quadratic (condition 1e3) the two float32 runs part by one ulp at step 2 and the curvature
+# amplifies it: 6e-6 after 15 steps, so 2e-5 there (a wrong step is off by 1e-1 or more).
 @pytest.mark.parametrize(
-    ("name", "dtype"),
+    ("name", "dtype", "rtol"),
     [
-        ("rosenbrock", "float32"),
-        ("quadratic", "float32"),
-        ("logistic", "float32"),
-        ("rosenbrock", "float64"),
+        ("rosenbrock", "float32", 2e-6),
+        ("quadratic", "float32", 2e-5),
+        ("logistic", "float32", 2e-6),
+        ("rosenbrock", "float64", 1e-12),
     ],
 )
-def test_lbfgs_matches_optax_iterate_by_iterate(name, dtype):
+def test_lbfgs_matches_optax_iterate_by_iterate(name, dtype, rtol):
     with jax.enable_x64(dtype == "float64"):
         fn, params, data = problem(name, jnp.dtype(dtype))
         ours, _ = iterates(gx.lbfgs(), fn, params, 15, **data)
         theirs, _ = iterates(optax.lbfgs(), fn, params, 15, **data)
-        rtol = 1e-12 if dtype == "float64" else 2e-6
         for a, b in zip(ours, theirs, strict=True):
             assert_trees_close(a, b, rtol=rtol, atol=rtol)
         assert all(x.dtype == jnp.dtype(dtype) for x in jax.tree.leaves(ours[-1]))
