@@ -11,9 +11,6 @@ import numpy as np
 import optax
 import pytest
 
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
-
 import gradxform as gx
 from benchmarks import stability as sb
 from benchmarks.suite_models import SETTINGS, Setting

@@ -194,7 +194,8 @@ def test_stable_with_stacked_clips_each_layer_like_separate_leaves():
 
 
 def test_stacked_records_survive_an_orbax_round_trip(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as ocp  # the dev extra installs it: a missing one fails, not skips
+
     params = _tree(0)
     tx = gx.chain(gx.clip_by_leaf_norm(3.0, stacked="layers"), gx.adaptive_grad_clip(0.05))
     _, state = jax.jit(tx.update)(_grads(1), tx.init(params), params)
