@@ -19,11 +19,14 @@ import tempfile
 # half the time, and the suite takes half the CPU (1310 s -> 590 s on the 2-core machine). The
 # programs compute the same maths; only instruction selection differs (an FMA here or there:
 # tolerances are relative to each leaf's scale); tests/test_default_codegen.py runs optax parity
-# through XLA's default pipeline. A flag the caller already set is kept.
+# through XLA's default pipeline. LLVM's module is compiled whole, not split for parallel
+# codegen: on programs this small the split costs more than it saves, and two workers already
+# fill two cores (test_protocol.py 88 s -> 72 s). A flag the caller already set is kept.
 _XLA_FLAGS = {
     "--xla_force_host_platform_device_count": "8",
     "--xla_cpu_use_fusion_emitters": "false",
     "--xla_backend_optimization_level": "0",
+    "--xla_cpu_parallel_codegen_split_count": "1",
 }
 _given = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
