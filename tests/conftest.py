@@ -48,19 +48,20 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 # pytest-xdist (`--dist loadfile`) hands each worker one module at a time, in collection order.
 # By default it orders modules by their number of tests, which leaves the few-test, long-running
 # ones (a subprocess run of the example, the default-compiler parity) for the end, where one
-# worker runs them while the other idles. Longest first (measured, seconds on one core) keeps
+# worker runs them while the other idles. Longest first (as measured below) keeps
 # both workers busy to the end; `--no-loadscope-reorder` in pyproject.toml keeps this order.
-_LONGEST_FIRST = (
-    "test_protocol.py",  # 110
-    "test_parity.py",  # 75
-    "test_lbfgs.py",  # 45
-    "test_clients.py",  # 45
-    "test_examples.py",  # 35
-    "test_docs.py",  # 35
-    "test_examples_full_batch.py",  # 33
-    "test_distributed_example.py",  # 21: two processes
-    "test_stacked.py",  # 19
-    "test_default_codegen.py",  # 14: one subprocess
+_LONGEST_FIRST = (  # seconds in a run of the whole suite on 2 cores
+    "test_protocol.py",  # 81
+    "test_parity.py",  # 58
+    "test_lbfgs.py",  # 39
+    "test_examples.py",  # 33
+    "test_clients.py",  # 29
+    "test_docs.py",  # 28
+    "test_examples_full_batch.py",  # 27
+    "test_distributed_example.py",  # 19: two processes
+    "test_stable.py",  # 18
+    "test_stacked.py",  # 18
+    "test_default_codegen.py",  # 13: one subprocess
 )
 
 
