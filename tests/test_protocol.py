@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import gradxform as gx
-from tests.cases import CASES, gradients_at, make, random_tree, run
+from tests.cases import CASES, compiled_size, gradients_at, make, random_tree, run
 
 
 def shape_dtype(tree):
@@ -169,21 +169,12 @@ def test_donated_step_compiles_once(case):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
 
 
-def _compiled_size(tx, leaves: int) -> int:
-    """Instructions in the optimized HLO of one jitted update on `leaves` small leaves."""
-    shape = lambda i: jax.ShapeDtypeStruct((4, 3) if i % 2 else (5,), jnp.float32)
-    params = {f"layer{i:03d}": shape(i) for i in range(leaves)}
-    state = jax.eval_shape(tx.init, params)
-    text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
-    return sum(" = " in line for line in text.splitlines())
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_compiled_program_grows_linearly_with_the_leaf_count(case):
     # XLA copies a cheap scalar chain (e.g. a max over all leaves) into every consumer; one
     # per leaf makes the program O(leaves**2): minutes of compilation at 1000 leaves.
     tx, _ = make(case)
-    small, large = _compiled_size(tx, 2), _compiled_size(tx, 8)  # 4x the leaves
+    small, large = compiled_size(tx, 2), compiled_size(tx, 8)  # 4x the leaves
     assert large < 4.5 * small, (small, large)  # quadratic: up to 16x
 
 
