@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,7 +67,8 @@ def test_guard_cost_compares_stable_with_the_chain_it_guards(tmp_path, telemetry
     from benchmarks import guard_cost
 
     flags = [] if telemetry else ["--no-telemetry"]
-    argv = ["--params", "2e4", "--repeats", "2", "--trees", "1 leaf", "--out", str(tmp_path)]
+    argv = ["--params", "2e4", "--repeats", "2", "--compile-repeats", "2", "--trees", "1 leaf"]
+    argv += ["--out", str(tmp_path)]
     result = guard_cost.main(argv + flags)
     saved = json.loads((tmp_path / "guard_cost.json").read_text())
     assert saved["meta"]["telemetry"] is telemetry
@@ -77,6 +79,8 @@ def test_guard_cost_compares_stable_with_the_chain_it_guards(tmp_path, telemetry
     for case in result["cases"]:
         ratio = case["step_ms"]["stable(adamw)"] / case["step_ms"]["clip+adamw"]
         assert case["step_ratio"] == pytest.approx(ratio) and case["compile_ratio"] > 0
+        for name, times in case["compile_s_all"].items():  # alternated compiles, their median
+            assert len(times) == 2 and case["compile_s"][name] == pytest.approx(np.median(times))
     table = (tmp_path / "guard_cost.md").read_text()
     assert ("telemetry=False" in table) is not telemetry
     assert set(saved["goals"]) == {"step_ratio", "compile_ratio_1000_leaves", "temp_fraction"}
