@@ -8,8 +8,9 @@ For each parameter tree (1 leaf, ResNet-50-like ~160 leaves, 1000 leaves), with 
 optimizer state donated and without, both steps are compiled (in alternating order) and timed
 in rotating order inside every round, so a noisy machine slows both alike. Reported: median step
 times and their ratio (and the median of the per-round ratios), trace + compile time (the
-median of `--compile-repeats` compiles from cold caches, alternated) and its ratio, and XLA's temporary bytes as a fraction of the params' bytes. Goals (issue 11): step
-<= 1.25x, trace + compile <= 1.5x at 1000 leaves, temporaries <= 10% of the params.
+median of `--compile-repeats` compiles from cold caches, alternated) and its ratio, and XLA's
+temporary bytes as a fraction of the params' bytes. Goals (issue 11): step <= 1.25x, trace +
+compile <= 1.5x at 1000 leaves, temporaries <= 10% of the params.
 
 Writes `guard_cost.json` and `guard_cost.md` under `--out`.
 """

@@ -13,8 +13,10 @@ exploding recurrent gradients, float16 overflow. A fixed table (`SETTINGS`) mark
 
 Two rows per setting, with PAIRED seeds (same init, same batch order): `optax`, the plain
 optimizer, and `gx.stable(optax)` with default arguments around the same optimizer object.
-Both get `update(grads, state, params, loss=loss)`. The seeds of one (setting, row) train as
-lanes of one jitted, vmapped `lax.scan`: one compile each.
+Both get `update(grads, state, params, loss=loss)`. `--reference-clip` adds a third row,
+`optax+clip(1)`: the textbook remedy, `optax.clip_by_global_norm(1.0)` before the optimizer,
+a constant threshold that shows which unstable runs a fixed clip would rescue. The seeds of
+one (setting, row) train as lanes of one jitted, vmapped `lax.scan`: one compile each.
 
 Measured per (setting, row):
   fail        seeds with a non-finite loss on a step without injection, non-finite params, or
@@ -64,6 +66,7 @@ from benchmarks.suite_models import SETTINGS, Model, Setting, cross_entropy
 
 GUARD_FIELDS = ("clipped", "skipped")
 ROWS = ("optax", "gx.stable")
+CLIP_ROW = "optax+clip(1)"  # `--reference-clip`: the textbook remedy, a fixed threshold
 CORRUPT_FACTOR = 1000.0
 SPIKE_WINDOW, SPIKE_RATIO, SPIKE_MARGIN = 20, 2.0, 0.5
 BATCH = {"gpt": 16}  # batch size per family; 64 otherwise
@@ -100,7 +103,11 @@ def base_optimizer(kind: str, lr) -> optax.GradientTransformationExtraArgs:
 
 
 def build_row(row: str, opt: optax.GradientTransformationExtraArgs):
-    """`optax`: the optimizer itself; `gx.stable`: `gx.stable(opt)` with default arguments."""
+    """`optax`: the optimizer itself; `gx.stable`: `gx.stable(opt)` with default arguments;
+    `optax+clip(1)`: `optax.clip_by_global_norm(1.0)` before it (a reference, not a guard:
+    a constant threshold that acts whenever ||g|| > 1, healthy steps included)."""
+    if row == CLIP_ROW:
+        return optax.with_extra_args_support(optax.chain(optax.clip_by_global_norm(1.0), opt))
     return opt if row == "optax" else gx.stable(opt)
 
 
@@ -372,6 +379,11 @@ class Options:
     families: Sequence[str] | None = None  # None: all
     settings: Sequence[Setting] | None = None  # None: `SETTINGS`
     timing_reps: int = 30  # 0: no step timing
+    reference_clip: bool = False  # also train `CLIP_ROW`
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return ROWS + ((CLIP_ROW,) if self.reference_clip else ())
 
 
 def steps_for(family: str, scale: float) -> int:
@@ -398,7 +410,7 @@ def train_all(sets: list[Setting], opts: Options, log) -> dict[tuple[str, str], 
     results = {}
     for members in groups.values():
         steps = steps_for(members[0].family, opts.steps_scale)
-        for row in ROWS:
+        for row in opts.rows:
             t0 = time.perf_counter()
             outs = train_group(members, row, opts.seeds, steps)
             names = ", ".join(s.name for s in members)
@@ -443,7 +455,7 @@ def run_benchmark(opts: Options, out: Path | None = None, log=print) -> dict[str
     for s in sets:
         task = s.build().task
         ref = results[f"{s.family}/{s.reference or s.name}", "optax"]
-        table += [summarise(s, row, results[s.key, row], ref, task) for row in ROWS]
+        table += [summarise(s, row, results[s.key, row], ref, task) for row in opts.rows]
         if s.kind == "healthy":
             harm.append(do_no_harm(s, results[s.key, "optax"], results[s.key, "gx.stable"],
                                    task.metric))  # fmt: skip
@@ -598,8 +610,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 seeds, 1/3 of the steps")
     parser.add_argument("--families", nargs="+", default=None, help="default: all six")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--reference-clip", action="store_true", help=f"also train a `{CLIP_ROW}` row"
+    )
     args = parser.parse_args(argv)
-    opts = Options(families=args.families)
+    opts = Options(families=args.families, reference_clip=args.reference_clip)
     if args.quick:
         opts = dataclasses.replace(opts, seeds=2, steps_scale=1 / 3, timing_reps=10)
     if args.seeds is not None:

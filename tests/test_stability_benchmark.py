@@ -135,3 +135,16 @@ def test_loss_spikes_need_twice_the_median_and_half_a_unit_above_it():
     relative_only[30] = 0.55  # > 2x but < +0.5
     counts = sb.loss_spikes(np.stack([flat, spike, small, relative_only]))
     assert counts.tolist() == [0, 1, 0, 0]
+
+
+def test_the_reference_clip_row_clips_at_norm_one_and_is_trained_on_request():
+    tx = sb.build_row(sb.CLIP_ROW, sb.base_optimizer("sgd", 1.0))
+    params = {"w": jnp.zeros(4)}
+    g = {"w": jnp.full(4, 5.0)}  # ||g|| = 10
+    u, _ = tx.update(g, tx.init(params), params, loss=jnp.float32(1.0))
+    np.testing.assert_allclose(u["w"], -np.full(4, 0.5), rtol=1e-6)  # -lr * g / ||g||
+    assert sb.Options().rows == sb.ROWS
+    opts = sb.Options(seeds=1, steps_scale=STEPS / 600, settings=TINY[:1], timing_reps=0,
+                      reference_clip=True)  # fmt: skip
+    res = sb.run_benchmark(opts, log=lambda _: None)
+    assert [t["row"] for t in res["rows"]] == [*sb.ROWS, sb.CLIP_ROW]
