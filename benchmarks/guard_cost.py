@@ -113,7 +113,8 @@ def markdown(cases: list[dict], meta: dict) -> str:
     lines = [
         f"`stable(adamw{'' if meta.get('telemetry', True) else ', telemetry=False'})` vs "
         f"`gx.chain(clip_by_global_norm(1), adamw)`, {meta['params']:.3g} "
-        f"float32 params, medians of {meta['repeats']} rotating rounds; {_where(meta['machine'])}.",
+        f"float32 params, step: medians of {meta['repeats']} rotating rounds, compile: medians "
+        f"of {meta.get('compile_repeats', 1)} alternated compiles; {_where(meta['machine'])}.",
         "",
         "| tree | leaves | donated | stable ms | clip+adamw ms | step ratio (paired) "
         "| compile s (stable / base) | compile ratio | temp / params |",

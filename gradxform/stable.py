@@ -128,9 +128,9 @@ def stable(
     learning rate trips them: `benchmarks/stability.py` measures how often each acts). The
     step adds one read of the gradient and params to the optimizer's
     (`benchmarks/guard_cost.py`, 25M params: 1.05-1.27x the step of
-    `chain(clip_by_global_norm, adamw)` on a CPU, 1.04-1.29x on an H200, and 1.3-1.7x its
-    compile time at 1000 leaves; with `telemetry=False`, which leaves the params unread,
-    about 1.3x; the spread between runs is the machine's). A skipped step feeds the
+    `chain(clip_by_global_norm, adamw)` on a CPU, 1.04-1.29x on an H200, and 1.5-1.6x its
+    compile time at 1000 leaves, medians of 5 compiles; with `telemetry=False`, which leaves
+    the params unread, 1.25-1.4x). A skipped step feeds the
     optimizer a zero gradient instead of restoring its state: its moments decay for one step
     (Adam's `mu` by `b1`), which keeps the guard free of a copy of the optimizer state; use
     `gx.skip_if` when the state must come back bitwise. It does not cure vanishing
