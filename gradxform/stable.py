@@ -127,8 +127,8 @@ def stable(
     (the thresholds come from the run's own norms, so no init scale, zero-initialised leaf or
     learning rate trips them: `benchmarks/stability.py` measures how often each acts). The
     step adds one read of the gradient and params to the optimizer's
-    (`benchmarks/guard_cost.py`, 25M params: 1.05-1.27x the step of
-    `chain(clip_by_global_norm, adamw)` on a CPU, 1.04-1.29x on an H200, and 1.5-1.6x its
+    (`benchmarks/guard_cost.py`, 25M params: 1.02-1.31x the step of
+    `chain(clip_by_global_norm, adamw)` on a CPU, 1.04-1.29x on an H200, and 1.5-1.7x its
     compile time at 1000 leaves, medians of 5 compiles; with `telemetry=False`, which leaves
     the params unread, 1.25-1.4x). A skipped step feeds the
     optimizer a zero gradient instead of restoring its state: its moments decay for one step
