@@ -211,6 +211,16 @@ def make_step(tx: optax.GradientTransformation, donate: bool = True) -> Callable
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
+def compile_step(tx: optax.GradientTransformation, donate: bool, *args) -> tuple[Any, float, float]:
+    """`make_step(tx, donate)` compiled for `args` (params, state, grads), with the seconds it
+    took to trace and lower, and to compile."""
+    start = time.perf_counter()
+    lowered = make_step(tx, donate).lower(*args)
+    traced = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, traced - start, time.perf_counter() - traced
+
+
 def tree_bytes(tree: Any) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -235,12 +245,9 @@ class Contender:
         self.params = materialize(shapes, seed, 0.02)
         self.state = jax.block_until_ready(distinct_buffers(tx.init(self.params)))
         self.state_bytes = tree_bytes(self.state)
-        start = time.perf_counter()
-        lowered = make_step(tx, donate).lower(self.params, self.state, grads)
-        traced = time.perf_counter()
-        self.compiled = lowered.compile()
-        done = time.perf_counter()
-        self.trace_s, self.compile_s = traced - start, done - traced
+        self.compiled, self.trace_s, self.compile_s = compile_step(
+            tx, donate, self.params, self.state, grads
+        )
         self.temp_bytes = int(self.compiled.memory_analysis().temp_size_in_bytes)
         self.times: list[float] = []
 
