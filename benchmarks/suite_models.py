@@ -8,7 +8,8 @@ Families (data: scikit-learn's 8x8 digits as `examples/data.py` loads them, exce
 
   mlp    8x64 ReLU MLP, He init, zero biases (the old suite's model)
   cnn    two 3x3 convolutions with GroupNorm, global average pool, linear head
-  lstm   LSTM reading the image as a sequence (8 rows of 8 pixels, or 32 steps of 2)
+  lstm   LSTM reading the image as a sequence (8 rows of 8 pixels, or 32 steps of 2), or a
+         plain tanh RNN (8 or 16 steps: the exploding gradients of Pascanu et al., 2013)
   gpt    2-layer character-level GPT on Python standard-library source, N(0, 0.02) init
   lora   an MLP pretrained here on the digits, fine-tuned on shifted digits: LoRA adapters
          (A random, B = 0) or, for `finetune`, all of its weights at a small learning rate
@@ -220,33 +221,44 @@ def cnn(channels: tuple[int, int] = (16, 32)) -> Model:
     return Model(init, apply, digits())
 
 
-def lstm(hidden: int = 32, steps: int = 8, recurrent_scale: float = 1.0) -> Model:
+def lstm(
+    hidden: int = 32, steps: int = 8, recurrent_scale: float = 1.0, cell: str = "lstm"
+) -> Model:
     """LSTM over the image read as `steps` chunks of 64 / steps pixels; LeCun-normal input
     kernel, recurrent kernel N(0, recurrent_scale / sqrt(hidden)), zero biases; linear head
-    on the last hidden state."""
+    on the last hidden state. `cell="tanh"`: a plain tanh RNN, `h = tanh(x wx + h wh + b)`,
+    whose gradient through time grows as the recurrent kernel's spectral radius (about
+    `recurrent_scale`) to the power of the steps where it is not saturated (Pascanu et al.,
+    On the difficulty of training recurrent neural networks, 2013)."""
+    if cell not in ("lstm", "tanh"):
+        raise ValueError(f"cell must be 'lstm' or 'tanh', got {cell!r}")
     width = 64 // steps
+    gates = 4 if cell == "lstm" else 1
 
     def init(key):
         k1, k2, k3 = jax.random.split(key, 3)
         return {
-            "wx": _normal(k1, (width, 4 * hidden), math.sqrt(1 / width)),
-            "wh": _normal(k2, (hidden, 4 * hidden), recurrent_scale / math.sqrt(hidden)),
-            "b": jnp.zeros([4 * hidden], jnp.float32),
+            "wx": _normal(k1, (width, gates * hidden), math.sqrt(1 / width)),
+            "wh": _normal(k2, (hidden, gates * hidden), recurrent_scale / math.sqrt(hidden)),
+            "b": jnp.zeros([gates * hidden], jnp.float32),
             "head": _dense(k3, hidden, 10, math.sqrt(1 / hidden)),
         }
 
+    def lstm_cell(p, carry, xt):
+        h, c = carry
+        i, f, g, o = jnp.split(xt @ p["wx"] + h @ p["wh"] + _row(p["b"], 2), 4, -1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        return (jax.nn.sigmoid(o) * jnp.tanh(c), c), None
+
+    def tanh_cell(p, carry, xt):
+        h, c = carry
+        return (jnp.tanh(xt @ p["wx"] + h @ p["wh"] + _row(p["b"], 2)), c), None
+
     def apply(p, x):
         seq = x.reshape(x.shape[0], steps, width).swapaxes(0, 1)  # (steps, batch, width)
-
-        def cell(carry, xt):
-            h, c = carry
-            i, f, g, o = jnp.split(xt @ p["wx"] + h @ p["wh"] + _row(p["b"], 2), 4, -1)
-            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-            h = jax.nn.sigmoid(o) * jnp.tanh(c)
-            return (h, c), None
-
+        step = functools.partial(lstm_cell if cell == "lstm" else tanh_cell, p)
         zeros = jnp.zeros((x.shape[0], hidden), x.dtype)
-        (h, _), _ = jax.lax.scan(cell, (zeros, zeros), seq)
+        (h, _), _ = jax.lax.scan(step, (zeros, zeros), seq)
         return _affine(h, p["head"])
 
     return Model(init, apply, digits())
@@ -432,6 +444,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("lstm", "32 steps, recurrent x4", "recurrent", "held-out", "sgd", 0.05, "healthy sgd",
       model=(("recurrent_scale", 4.0), ("steps", 32))),
     S("lstm", "NaN batch /100", "nan", "tune", "sgd", 0.05, "healthy sgd", every=100),
+    S("lstm", "healthy tanh RNN sgd", "healthy", "held-out", "sgd", 0.05,
+      model=(("cell", "tanh"),)),
+    S("lstm", "tanh RNN, 16 steps", "recurrent", "held-out", "sgd", 0.05,
+      "healthy tanh RNN sgd", model=(("cell", "tanh"), ("steps", 16))),
     S("gpt", "healthy adamw, warm-up", "healthy", "held-out", "adamw", 3e-3, schedule=True,
       warmup=0.1),
     S("gpt", "no warm-up, lr x3", "warmup", "tune", "adamw", 1e-2, "healthy adamw, warm-up",

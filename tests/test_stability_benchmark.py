@@ -148,3 +148,27 @@ def test_the_reference_clip_row_clips_at_norm_one_and_is_trained_on_request():
                       reference_clip=True)  # fmt: skip
     res = sb.run_benchmark(opts, log=lambda _: None)
     assert [t["row"] for t in res["rows"]] == [*sb.ROWS, sb.CLIP_ROW]
+
+
+def test_the_tanh_rnn_gradient_explodes_back_through_time_above_radius_one():
+    """`cell="tanh"`: h = tanh(x wx + h wh + b), one gate. Through 16 steps the gradient on
+    the first input is far above the last input's when the recurrent kernel's scale is 3 and
+    far below it at 0.5: the exploding (and vanishing) gradients the suite's setting needs."""
+    import jax
+
+    from benchmarks.suite_models import lstm
+
+    def first_and_last_input_grads(scale):
+        model = lstm(steps=16, cell="tanh", recurrent_scale=scale)
+        p = model.init(jax.random.key(0))
+        x, y = jnp.asarray(model.task.x_train[:32]), jnp.asarray(model.task.y_train[:32])
+        dx = jax.grad(lambda x: model.loss(p, x, y))(x).reshape(32, 16, 4)
+        return p, float(jnp.linalg.norm(dx[:, 0])), float(jnp.linalg.norm(dx[:, -1]))
+
+    p, first, last = first_and_last_input_grads(0.5)
+    assert p["wh"].shape == (32, 32) and p["wx"].shape == (4, 32) and p["b"].shape == (32,)
+    assert first < 1e-3 * last
+    _, first, last = first_and_last_input_grads(3.0)
+    assert first > 10 * last
+    with pytest.raises(ValueError, match="cell must be"):
+        lstm(cell="gru")
