@@ -67,6 +67,7 @@ from benchmarks.suite_models import SETTINGS, Model, Setting, cross_entropy
 GUARD_FIELDS = ("clipped", "skipped")
 ROWS = ("optax", "gx.stable")
 CLIP_ROW = "optax+clip(1)"  # `--reference-clip`: the textbook remedy, a fixed threshold
+HEALTH_ROW = "optax+health"  # the plain optimizer under `stable`'s statistics, no guard
 CORRUPT_FACTOR = 1000.0
 SPIKE_WINDOW, SPIKE_RATIO, SPIKE_MARGIN = 20, 2.0, 0.5
 BATCH = {"gpt": 16}  # batch size per family; 64 otherwise
@@ -105,9 +106,13 @@ def base_optimizer(kind: str, lr) -> optax.GradientTransformationExtraArgs:
 def build_row(row: str, opt: optax.GradientTransformationExtraArgs):
     """`optax`: the optimizer itself; `gx.stable`: `gx.stable(opt)` with default arguments;
     `optax+clip(1)`: `optax.clip_by_global_norm(1.0)` before it (a reference, not a guard:
-    a constant threshold that acts whenever ||g|| > 1, healthy steps included)."""
+    a constant threshold that acts whenever ||g|| > 1, healthy steps included);
+    `optax+health`: `gx.health(opt)` with `stable`'s decay of the running moments (0.9), a
+    record of the statistics a guard would see, changing nothing."""
     if row == CLIP_ROW:
         return optax.with_extra_args_support(optax.chain(optax.clip_by_global_norm(1.0), opt))
+    if row == HEALTH_ROW:
+        return gx.health(opt, decay=0.9)
     return opt if row == "optax" else gx.stable(opt)
 
 
@@ -208,11 +213,12 @@ def _inject(x, t, hp):
 
 
 def train_group(
-    sets: Sequence[Setting], row: str, seeds: int, steps: int
+    sets: Sequence[Setting], row: str, seeds: int, steps: int, record=guard_flags
 ) -> list[dict[str, np.ndarray]]:
     """Train `seeds` runs of each setting of one group (same `group_key`) in one row as lanes
-    of one jitted scan. Per setting: per-step `loss` and one array per guard `(steps, seeds)`,
-    `injected` `(steps,)`, and per seed the final `quality` and whether params are `finite`."""
+    of one jitted scan. Per setting: per-step `loss` and one array per entry of
+    `record(state)` (by default `guard_flags`: one per guard) `(steps, seeds)`, `injected`
+    `(steps,)`, and per seed the final `quality` and whether params are `finite`."""
     first = sets[0]
     model = first.build()
     task = model.task
@@ -228,7 +234,7 @@ def train_group(
         x, mult = _inject(x_train[ib], t, hp)
         loss, grads = value_and_grad(model, first, params, x, y_train[ib], mult)
         updates, state = make(hp).update(grads, state, params, loss=loss)
-        return optax.apply_updates(params, updates), state, loss, guard_flags(state)
+        return optax.apply_updates(params, updates), state, loss, record(state)
 
     def run(keys, idx, hp):
         params = jax.vmap(model.init)(keys)

@@ -172,3 +172,52 @@ def test_the_tanh_rnn_gradient_explodes_back_through_time_above_radius_one():
     assert first > 10 * last
     with pytest.raises(ValueError, match="cell must be"):
         lstm(cell="gru")
+
+
+def test_loss_zscores_are_health_z_scores_of_the_log_loss():
+    """0 through the 20-step warm-up, then (log loss - running mean) / max(std, 0.25); a
+    non-finite loss is not absorbed."""
+    from benchmarks import stability_signals as sig
+
+    loss = np.ones((40, 2), np.float32)
+    loss[30, 0] = np.e  # log: 1 above a steady history -> z = 1 / 0.25
+    loss[25, 1] = np.nan
+    loss[26, 1] = np.e**-0.5
+    z = np.asarray(sig.loss_zscores(jnp.asarray(loss)))
+    assert z.shape == (40, 2) and np.all(z[:20] == 0)
+    assert z[30, 0] == pytest.approx(4.0) and np.all(z[20:30, 0] == 0)
+    assert z[26, 1] == pytest.approx(-2.0)  # the NaN step left the moments at log 1 = 0
+
+
+def test_signal_summaries_give_the_largest_value_and_first_step_past_the_bound():
+    from benchmarks import stability_signals as sig
+
+    steps = 60
+    series = {name: np.zeros(steps) for name in sig.SIGNALS}
+    series["norm_z"][[5, 33, 50]] = [9.0, 4.5, 7.0]  # step 5 is inside the warm-up: ignored
+    series["climb"][40] = np.nan
+    series["loss_z"][45] = np.inf
+    out = sig.describe_run(series)
+    assert out["norm_z"] == {"max": 7.0, "first": 33}
+    assert out["climb"] == {"max": 0.0, "first": None}
+    assert out["loss_z"] == {"max": np.inf, "first": 45}
+    healthy = {"kind": "healthy", "runs": [out]}
+    unstable = {"kind": "lr", "runs": [sig.describe_run(series)],
+                "series": {k: v[:, None] for k, v in series.items()}}  # fmt: skip
+    top = sig.healthy_maxima([healthy, unstable])
+    assert top == {"norm_z": 7.0, "climb": 0.0, "loss_z": np.inf}
+    sig.mark_past_healthy([healthy, unstable], {**top, "norm_z": 5.0})
+    assert unstable["runs"][0]["norm_z"]["past_healthy"] == 50
+    assert "past_healthy" not in out["norm_z"]  # healthy runs are the reference
+
+
+def test_signals_are_read_from_a_health_record_that_changes_nothing():
+    """The `optax+health` row trains as `optax` does (same quality, paired seeds), and its
+    record gives per-run signals."""
+    from benchmarks import stability_signals as sig
+
+    row = sig.run_setting(TINY[0], seeds=2, steps_scale=STEPS / 600)
+    plain = sb.train_group([TINY[0]], "optax", 2, STEPS)[0]
+    assert row["quality"] == plain["quality"].tolist()
+    assert len(row["runs"]) == 2 and set(row["runs"][0]) == set(sig.SIGNALS)
+    assert all(0 < r["climb"]["max"] < 10 and np.isfinite(r["norm_z"]["max"]) for r in row["runs"])
