@@ -137,13 +137,10 @@ def markdown(result: dict) -> str:
              f"{result['machine']['cpu']}, {result['seeds']} seeds, {result['runtime_s']} s.",
              "Largest on healthy runs: " + ", ".join(f"{n} {v:.1f}" for n, v in top.items())
              + ". Steps: first past the bound, and (unstable runs) first past that largest"
-             " healthy value; - never.", "",
-             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]  # fmt: skip
-    for row in result["rows"]:
-        quality = ", ".join(f"{q:.3f}" for q in row["quality"])
-        cells = [row["setting"], row["kind"], quality] + [_cell(row["runs"], n) for n in SIGNALS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join([*lines, ""])
+             " healthy value; - never.", ""]  # fmt: skip
+    cells = [[row["setting"], row["kind"], ", ".join(f"{q:.3f}" for q in row["quality"])]
+             + [_cell(row["runs"], n) for n in SIGNALS] for row in result["rows"]]  # fmt: skip
+    return "\n".join([*lines, suite._md(head, cells), ""])
 
 
 def main(argv: list[str] | None = None) -> dict:
